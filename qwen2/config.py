@@ -1,0 +1,279 @@
+"""Qwen2Config: the architecture as data. Field names are the keys of Hugging Face `config.json`.
+
+A config read from a checkpoint keeps every key it had (unknown ones go to `extra`), so writing it
+back loses nothing. Validation happens once, in `__post_init__`, and names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Values Qwen2 needs to be Qwen2; anything else is a different architecture.
+_SUPPORTED_MODEL_TYPES = ("qwen2",)
+_SUPPORTED_ACTIVATIONS = ("silu",)
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+# A config asking for more than this is almost certainly corrupt; refuse it before allocating.
+_MAX_DIM = 1 << 20
+_MAX_VOCAB = 1 << 24
+
+
+class ConfigError(ValueError):
+    """A config.json that is not a valid Qwen2 config; the message names the field."""
+
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # absent in Qwen2 configs: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict[str, Any] | None = None
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 24
+    layer_types: list[str] | None = None
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
+    pad_token_id: int | None = None
+    torch_dtype: str | None = "bfloat16"
+    model_type: str = "qwen2"
+    architectures: list[str] = field(default_factory=lambda: ["Qwen2ForCausalLM"])
+    # Keys we do not interpret (transformers_version, quantization hints, ...), kept for round trips.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ---- derived values, bound once so the model never re-derives them ----
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def layer_type(self, layer_idx: int) -> str:
+        """'sliding_attention' or 'full_attention' for one layer.
+
+        Follows the transformers code, not its old docstring (transformers#35896): when
+        `use_sliding_window` is on, layers with index >= `max_window_layers` use the window.
+        An explicit `layer_types` list wins.
+        """
+        if self.layer_types is not None:
+            return self.layer_types[layer_idx]
+        if self.use_sliding_window and self.sliding_window is not None and layer_idx >= self.max_window_layers:
+            return "sliding_attention"
+        return "full_attention"
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def num_parameters(self) -> int:
+        """Parameter count implied by the shapes (report-style total, embedding counted once if tied)."""
+        d, h, kv = self.dim_per_head, self.num_attention_heads, self.num_key_value_heads
+        per_layer = (
+            self.hidden_size * h * d + h * d  # q_proj + bias
+            + 2 * (self.hidden_size * kv * d + kv * d)  # k_proj, v_proj + biases
+            + h * d * self.hidden_size  # o_proj
+            + 3 * self.hidden_size * self.intermediate_size  # gate, up, down
+            + 2 * self.hidden_size  # two RMSNorms
+        )
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + self.hidden_size + embed
+
+    # ---- validation ----
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field {name!r}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(name, "must be an integer")
+            if value <= 0:
+                raise bad(name, "must be positive")
+            limit = _MAX_VOCAB if name == "vocab_size" else (1 << 30 if name == "max_position_embeddings" else _MAX_DIM)
+            if value > limit:
+                raise bad(name, f"is implausibly large (limit {limit})")
+        if self.num_hidden_layers > 4096:
+            raise bad("num_hidden_layers", "is implausibly large (limit 4096)")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise bad("hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim > 4096):
+            raise bad("head_dim", "must be a positive integer")
+        if self.dim_per_head % 2:
+            raise bad("head_dim" if self.head_dim else "hidden_size", "head dimension must be even for RoPE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.model_type not in _SUPPORTED_MODEL_TYPES:
+            raise bad("model_type", f"must be one of {_SUPPORTED_MODEL_TYPES}")
+        if self.hidden_act not in _SUPPORTED_ACTIVATIONS:
+            raise bad("hidden_act", f"must be one of {_SUPPORTED_ACTIVATIONS}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise bad(name, "must be a positive number")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise bad("sliding_window", "must be a positive integer or null")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in self.layer_types):
+                raise bad("layer_types", f"must list {self.num_hidden_layers} entries from {_LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise bad("sliding_window", "is required when layer_types has sliding_attention layers")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling(bad)
+        for eid in self.eos_token_ids:
+            if not isinstance(eid, int) or not 0 <= eid < self.vocab_size:
+                raise bad("eos_token_id", f"ids must be in [0, vocab_size={self.vocab_size})")
+
+    def _validate_rope_scaling(self, bad) -> None:
+        rs = self.rope_scaling
+        if not isinstance(rs, dict):
+            raise bad("rope_scaling", "must be an object or null")
+        rope_type = rs.get("rope_type", rs.get("type", "default"))
+        if rope_type not in _SUPPORTED_ROPE_TYPES:
+            raise bad("rope_scaling", f"rope type {rope_type!r} is not one of {_SUPPORTED_ROPE_TYPES}")
+        if rope_type != "default":
+            factor = rs.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0:
+                raise bad("rope_scaling", "'factor' must be a number >= 1")
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    # ---- JSON I/O ----
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "Qwen2Config":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        # transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of the
+        # `rope_theta` / `rope_scaling` pair the official checkpoints use.
+        rope_parameters = data.pop("rope_parameters", None)
+        if isinstance(rope_parameters, dict):
+            data.setdefault("rope_theta", rope_parameters.get("rope_theta", cls.rope_theta))
+            rope_type = rope_parameters.get("rope_type", "default")
+            if rope_type != "default" and "rope_scaling" not in data:
+                data["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+        if data.get("num_key_value_heads") is None and "num_attention_heads" in data:
+            data["num_key_value_heads"] = data["num_attention_heads"]
+        if data.get("dtype") is not None and data.get("torch_dtype") is None:
+            data["torch_dtype"] = data.pop("dtype")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        try:
+            return cls(**kwargs, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "Qwen2Config":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config.json not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        if data["head_dim"] is None:
+            del data["head_dim"]
+        if data["layer_types"] is None:
+            del data["layer_types"]
+        data.update(extra)
+        return data
+
+    def save(self, path: str | Path) -> None:
+        """Write config.json atomically (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def _official(**overrides: Any) -> Qwen2Config:
+    return Qwen2Config(**overrides)
+
+
+# Shapes from the official config.json files (see shared qwen2-facts.md §1.2 and §1.4 for sources):
+# https://huggingface.co/Qwen/Qwen2-7B/blob/main/config.json and the Qwen2.5 model cards.
+PRESETS: dict[str, Qwen2Config] = {
+    # Qwen2 (base configs: max_position_embeddings 131072; Instruct: 32768)
+    "qwen2-0.5b": _official(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=131072,
+                            max_window_layers=24, eos_token_id=151643),
+    "qwen2-1.5b": _official(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=131072,
+                            max_window_layers=28, eos_token_id=151643),
+    "qwen2-7b": _official(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                          max_position_embeddings=131072, max_window_layers=28, eos_token_id=151643),
+    "qwen2-72b": _official(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                           num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
+                           max_position_embeddings=131072, max_window_layers=80, rms_norm_eps=1e-5,
+                           eos_token_id=151643),
+    # Qwen2.5 Instruct (context 32K; the 7B+ models reach 128K with YaRN)
+    "qwen2.5-0.5b": _official(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21),
+    "qwen2.5-1.5b": _official(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                              num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21),
+    "qwen2.5-3b": _official(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                            num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=70),
+    "qwen2.5-7b": _official(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                            max_window_layers=28),
+    "qwen2.5-14b": _official(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                             num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
+                             max_window_layers=70),
+    "qwen2.5-32b": _official(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                             num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
+                             max_window_layers=70),
+    "qwen2.5-72b": _official(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                             num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
+                             max_window_layers=70),
+    # Tiny random configs for tests: GQA and MHA, tied and untied, one with a sliding window.
+    "tiny": _official(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      max_window_layers=2, rope_theta=10000.0, torch_dtype="float32", eos_token_id=1,
+                      bos_token_id=0),
+    "tiny-mha-untied": _official(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                                 max_position_embeddings=256, max_window_layers=2, rope_theta=10000.0,
+                                 torch_dtype="float32", eos_token_id=1, bos_token_id=0),
+    "tiny-swa": _official(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          use_sliding_window=True, sliding_window=8, max_window_layers=1, rope_theta=10000.0,
+                          torch_dtype="float32", eos_token_id=1, bos_token_id=0),
+}

@@ -1,0 +1,174 @@
+"""Qwen2 decoder: RMSNorm -> DecoderLayer -> Qwen2Model -> Qwen2ForCausalLM.
+
+The model maps token ids to logits and nothing else: losses, sampling and quantization are
+functions applied from outside. Parameter names are the Hugging Face module paths, so a
+checkpoint's state dict loads with no renaming.
+
+Shape legend: B batch, T new tokens, S cached + new positions, D hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen2.config import Qwen2Config
+from qwen2.model.attention import Attention
+from qwen2.model.kv_cache import KVCache
+from qwen2.model.mlp import MLP
+from qwen2.model.rope import rope_cos_sin, rope_parameters
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back *before* the weight multiply, as the checkpoints were trained.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.is_sliding = config.layer_type(layer_idx) == "sliding_attention"
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
+                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTC, sin_BTC,
+                                       mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
+        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return x_BTD
+
+
+def attention_mask(*, past: int, num_new: int, key_valid_BS: torch.Tensor | None,
+                   sliding_window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """Boolean SDPA mask (True = may attend) of shape (B|1, 1, T, S), or None plus an is_causal flag.
+
+    Query t sits at absolute slot past + t and may see slot j if j <= past + t, the key is not
+    padding, and (sliding layers) past + t - j < window. A query always sees itself, so a padding
+    query never has an empty row (which would give NaN); real queries are unaffected because
+    their own slot is valid. Returns (None, ...) when SDPA's built-in causal path is exact.
+    """
+    S = past + num_new
+    window_matters = sliding_window is not None and S > sliding_window
+    if key_valid_BS is None and not window_matters:
+        if num_new == 1:
+            return None, False  # one query sees every cached key
+        if past == 0:
+            return None, True
+    query_pos_T1 = torch.arange(past, S, device=device)[:, None]
+    key_pos_1S = torch.arange(S, device=device)[None, :]
+    allowed_TS = key_pos_1S <= query_pos_T1
+    if window_matters:
+        allowed_TS = allowed_TS & (query_pos_T1 - key_pos_1S < sliding_window)
+    mask_B1TS = allowed_TS[None, None]
+    if key_valid_BS is not None:
+        mask_B1TS = mask_B1TS & key_valid_BS[:, None, None, :S].bool()
+        mask_B1TS = mask_B1TS | (key_pos_1S == query_pos_T1)[None, None]
+    return mask_B1TS, False
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # RoPE frequencies are derived from the config, never loaded, so they are plain attributes
+        # (not buffers): meta-device construction and state-dict loading cannot disturb them.
+        self.inv_freq, self.attention_scaling = rope_parameters(config)
+
+    def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
+                attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D).
+
+        attention_mask_BS: 1 for real tokens, 0 for padding, covering cached + new positions
+        (Hugging Face convention). positions_BT default: for padded batches, each row counts
+        its own real tokens (left padding); otherwise past + arange(T).
+        """
+        B, T = input_ids_BT.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        device = input_ids_BT.device
+        if attention_mask_BS is not None:
+            if attention_mask_BS.shape != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}, expected {(B, past + T)}")
+            if bool(attention_mask_BS.all()):
+                attention_mask_BS = None  # no padding: take the fast mask-free path
+        if positions_BT is None:
+            if attention_mask_BS is not None:
+                positions_BT = (attention_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                positions_BT = torch.arange(past, past + T, device=device).expand(B, T)
+
+        x_BTD = self.embed_tokens(input_ids_BT)
+        cos_BTC, sin_BTC = rope_cos_sin(positions_BT, self.inv_freq, self.attention_scaling, x_BTD.dtype)
+        full_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS, sliding_window=None,
+                                   device=device)
+        sliding_mask = full_mask
+        if any(layer.is_sliding for layer in self.layers):
+            sliding_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS,
+                                          sliding_window=self.config.sliding_window, device=device)
+        for layer in self.layers:
+            mask_B1TS, is_causal = sliding_mask if layer.is_sliding else full_mask
+            x_BTD = layer(x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)  # the one place the cache moves forward
+        return self.norm(x_BTD)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
+                attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T, V), or (B, logits_to_keep, V) for the last positions only (0 = all).
+
+        Generation keeps only the last position: the LM head over 150k rows is the single
+        largest matmul, so skipping it for prompt tokens saves both time and memory.
+        """
+        h_BTD = self.model(input_ids_BT, positions_BT=positions_BT, attention_mask_BS=attention_mask_BS,
+                           kv_cache=kv_cache)
+        if logits_to_keep:
+            h_BTD = h_BTD[:, -logits_to_keep:]
+        return self.lm_head(h_BTD)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init as transformers does: N(0, initializer_range) weights, zero biases, unit norms."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    if module is self.lm_head and self.config.tie_word_embeddings:
+                        continue
+                    w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                    module.weight.copy_(w)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
