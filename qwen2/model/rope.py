@@ -17,7 +17,9 @@ from qwen2.config import Qwen2Config
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """inv_freq[i] = 1 / theta^(2i/C), i = 0..C/2-1, in float32 (as transformers computes it)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # Explicit CPU device: the model may be built under a meta-device context, but these are
+    # derived constants, never loaded, so they must hold real values.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     return 1.0 / (theta ** exponents)
 
 
@@ -41,7 +43,7 @@ def yarn_inv_freq(head_dim: int, theta: float, rope_scaling: dict, original_max_
     high = min(math.ceil(dim_for_rotations(beta_slow)), head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation = default_inv_freq(head_dim, theta)
     interpolation = extrapolation / factor
     inv_freq = interpolation * ramp + extrapolation * (1 - ramp)

@@ -132,7 +132,13 @@ class Qwen2ForCausalLM(nn.Module):
         self.config = config
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so (small Qwen2 sizes).
+
+        Call again after replacing parameters (e.g. a state-dict load with assign=True)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,

@@ -1,0 +1,125 @@
+"""load_pretrained: one entry point for every way a user names a model.
+
+`name` may be None or "demo" (the embedded default model), a GGUF file, a Hugging Face model
+directory, or a hub id such as "Qwen/Qwen2.5-0.5B-Instruct" (downloaded with huggingface_hub
+into its usual cache; offline mode and an already-populated cache work without a network).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen2.checkpoint.gguf import GGUFFile, load_gguf_model
+from qwen2.checkpoint.safetensors import CheckpointError, load_hf_model
+from qwen2.model import Qwen2ForCausalLM
+from qwen2.tokenizer import Tokenizer, tokenizer_json_from_gguf
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja"]
+
+
+@dataclass
+class Pretrained:
+    model: Qwen2ForCausalLM
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def resolve(name: str | Path | None) -> Path:
+    """A local path for a model name: the demo GGUF, an existing file/directory, or a hub snapshot."""
+    if name is None or str(name) == "demo":
+        from qwen2.demo import demo_gguf_path
+
+        return demo_gguf_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ggufs[0]
+            raise CheckpointError(f"{path}: directory has no config.json (and not exactly one .gguf file)")
+        return path
+    if _HUB_ID.match(str(name)):
+        return download(str(name))
+    raise CheckpointError(f"model {str(name)!r} not found: not a file, not a directory, and not a hub id (org/name)")
+
+
+def download(repo_id: str, *, revision: str | None = None) -> Path:
+    """Fetch (or find in the local hub cache) the files a Qwen2 checkpoint needs."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"hub model {repo_id!r}: not in the local cache and cannot be downloaded ({e})") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(f"hub model {repo_id!r}: download failed ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    if path.is_file():
+        fields = GGUFFile(path).tokenizer_fields()
+        tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(
+            fields["tokens"], fields["token_types"], fields["merges"], bos_id=fields["bos_id"],
+            eos_id=fields["eos_id"], pad_id=fields["pad_id"], chat_template=fields["chat_template"])
+        return Tokenizer.from_tokenizer_json(tokenizer_json, tokenizer_config)
+    return Tokenizer.from_dir(path)
+
+
+def read_generation_config(directory: Path) -> dict[str, Any]:
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Pretrained:
+    """Model, tokenizer and generation defaults for `name` (see the module docstring).
+
+    dtype None keeps the checkpoint's dtype: float32 for a dequantized GGUF, the config's
+    `torch_dtype` (bfloat16 for official checkpoints) for a directory.
+    """
+    path = resolve(name)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
+        model = load_gguf_model(path, dtype=dtype or torch.float32, device=device)
+        generation_config: dict[str, Any] = {}
+    else:
+        model = load_hf_model(path, dtype=dtype, device=device)
+        generation_config = read_generation_config(path)
+    return Pretrained(model, load_tokenizer(path), generation_config, str(path))
+
+
+def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
+    """Write a Hugging Face model directory (weights, config, tokenizer, generation_config) that
+    transformers and this package both load."""
+    from qwen2.checkpoint.safetensors import save_hf_model
+
+    directory = Path(directory)
+    save_hf_model(pretrained.model, directory, dtype=dtype)
+    pretrained.tokenizer.save(directory)
+    generation_config = dict(pretrained.generation_config)
+    if not generation_config:
+        # A GGUF carries no generation_config; record the stop ids the chat model needs.
+        generation_config = {"bos_token_id": pretrained.tokenizer.bos_token_id,
+                             "pad_token_id": pretrained.tokenizer.pad_token_id,
+                             "eos_token_id": sorted(pretrained.tokenizer.stop_ids)}
+    tmp = directory / "generation_config.json.tmp"
+    tmp.write_text(json.dumps(generation_config, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(directory / "generation_config.json")

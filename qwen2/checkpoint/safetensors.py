@@ -1,0 +1,169 @@
+"""Hugging Face checkpoint directories: config.json + model*.safetensors (single or sharded).
+
+Loading is strict: every parameter the model needs must be present with the expected shape, and
+every tensor in the files must be one the model knows. Errors name the file and the tensor.
+Pickle checkpoints (`pytorch_model.bin`) are refused: loading them can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qwen2.config import Qwen2Config
+from qwen2.model import Qwen2ForCausalLM
+
+# Tensors some exporters write that are derived, not learned; skipping them is safe.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MAX_INDEX_BYTES = 64 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and, where known, the tensor."""
+
+
+def build_empty_model(config: Qwen2Config) -> Qwen2ForCausalLM:
+    """A model whose parameters live on the meta device (no memory) until weights are assigned."""
+    with torch.device("meta"):
+        return Qwen2ForCausalLM(config)
+
+
+def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.Tensor, str]], *,
+                   dtype: torch.dtype, device: torch.device | str) -> Qwen2ForCausalLM:
+    """Move (name, tensor, source file) triples into a meta-device model, checking names and shapes."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    loaded: dict[str, torch.Tensor] = {}
+    for name, tensor, source in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue  # a tied checkpoint may also store the head; the embedding is the one we keep
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (not a Qwen2 parameter for this config)")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[name])} from config.json")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected floating point")
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+    required = set(expected) - ({"lm_head.weight"} if tied else set())
+    missing = sorted(required - set(loaded))
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        if index.stat().st_size > _MAX_INDEX_BYTES:
+            raise CheckpointError(f"{index}: index file is implausibly large")
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        paths = []
+        for name in files:
+            path = (directory / name).resolve()
+            if not isinstance(name, str) or path.parent != directory.resolve():
+                raise CheckpointError(f"{index}: shard {name!r} is not a file inside {directory}")
+            if not path.is_file():
+                raise CheckpointError(f"{index}: shard {name} is missing from {directory}")
+            paths.append(path)
+        return paths
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(directory.glob("model-*.safetensors"))
+    if shards:
+        return shards
+    if any((directory / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise CheckpointError(f"{directory}: only pickle weights (pytorch_model.bin) found; they are not loaded "
+                              "because unpickling can run code. Convert them to safetensors first.")
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), str(path)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def load_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> Qwen2ForCausalLM:
+    """Load config.json and the safetensors weights of a Hugging Face model directory.
+
+    dtype None keeps the checkpoint's `torch_dtype` (bfloat16 for the official models).
+    """
+    directory = Path(directory)
+    config = Qwen2Config.from_json_file(directory / "config.json")
+    if dtype is None:
+        dtype = getattr(torch, config.torch_dtype or "float32", torch.float32)
+    files = _weight_files(directory)
+    return assign_weights(build_empty_model(config), _iter_safetensors(files), dtype=dtype, device=device)
+
+
+def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torch.dtype | None = None,
+                  max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
+
+    Files are written to temporary names and renamed, so an interrupted save never leaves a
+    half-written file under the final name.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.dtype
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_save(shards[0], directory / "model.safetensors", metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, directory / fname, metadata)
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _atomic_write_text(directory / "model.safetensors.index.json",
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = Qwen2Config.from_dict(model.config.to_dict())
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.save(directory / "config.json")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

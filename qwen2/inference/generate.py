@@ -1,0 +1,152 @@
+"""Reference generation: prefill, then one token at a time from a static KV cache.
+
+This is the slow, obvious path that everything faster is tested against. `generate_ids` works on
+token ids for a batch of prompts (left-padded into one cache); `TextStream` layers text on top:
+incremental UTF-8 decoding, stop strings, and finish reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from qwen2.inference.sampling import SamplingParams, sample_next_token
+from qwen2.model import KVCache, Qwen2ForCausalLM
+from qwen2.tokenizer import StreamDecoder, Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit in the model's context."""
+
+
+def check_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
+    """Cache length to allocate; raises ContextLengthError if the prompt alone does not fit."""
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_len >= context:
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens; the model's context is {context} tokens "
+                                 f"(leave room for at least one new token)")
+    return min(prompt_len + max_new_tokens, context)
+
+
+@torch.inference_mode()
+def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: SamplingParams, *,
+                 stop_ids: set[int] | frozenset[int] = frozenset(), pad_id: int = 0,
+                 done: list[bool] | None = None) -> Iterator[list[int | None]]:
+    """Yield, for each decode step, the new token of every row (None for rows that have finished).
+
+    A row finishes when it samples a stop id (that id is still yielded) or reaches
+    max_new_tokens. `done` is the caller's list of per-row flags: the caller may set an entry to
+    end a row early (e.g. a stop string matched); this function sets it when a row finishes.
+    """
+    B = len(prompts)
+    done = done if done is not None else [False] * B
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    max_seq_len = check_context(longest, params.max_new_tokens, model.config.max_position_embeddings)
+    max_new = max_seq_len - longest
+    device = model.device
+
+    ids_BT = torch.full((B, longest), pad_id, dtype=torch.long)
+    mask_BS = torch.zeros((B, max_seq_len), dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is aligned
+        ids_BT[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask_BS[row, longest - len(prompt):] = 1
+    mask_BS[:, longest:] = 1
+    ids_BT, mask_BS = ids_BT.to(device), mask_BS.to(device)
+    padded = min(lengths) != longest
+
+    seen_BV = None
+    if params.repetition_penalty != 1.0:
+        seen_BV = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen_BV.scatter_(1, ids_BT, mask_BS[:, :longest].bool())
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    cache = KVCache.allocate(model.config, batch_size=B, max_seq_len=max_seq_len, dtype=model.dtype, device=device)
+    logits_BV = model(ids_BT, attention_mask_BS=mask_BS[:, :longest] if padded else None,
+                      kv_cache=cache, logits_to_keep=1)[:, -1]
+    for step in range(max_new):
+        next_B = sample_next_token(logits_BV, params, seen_BV=seen_BV, generator=generator)
+        tokens = next_B.tolist()
+        out: list[int | None] = []
+        for row, token in enumerate(tokens):
+            if done[row]:
+                out.append(None)
+                continue
+            out.append(token)
+            if token in stop_ids or step + 1 >= params.max_new_tokens:
+                done[row] = True
+        yield out
+        if all(done) or step + 1 == max_new:
+            return
+        if seen_BV is not None:
+            seen_BV.scatter_(1, next_B[:, None], True)
+        logits_BV = model(next_B[:, None], attention_mask_BS=mask_BS[:, :cache.length + 1] if padded else None,
+                          kv_cache=cache)[:, -1]
+
+
+@dataclass
+class TextStream:
+    """Iterate to receive text chunks of one completion; afterwards read the result fields.
+
+    Stop strings: text is held back while it could still be the start of a stop string, and a
+    matched stop string (and everything after it) is never emitted. Stop token ids end the
+    stream without being decoded.
+    """
+
+    model: Qwen2ForCausalLM
+    tokenizer: Tokenizer
+    prompt_ids: list[int]
+    params: SamplingParams
+    completion_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        stop_ids = set(self.tokenizer.stop_ids)
+        decoder = StreamDecoder(self.tokenizer, skip_special=True)
+        hold = max((len(s) for s in self.params.stop), default=1) - 1
+        pending = ""  # decoded text not yet emitted
+        stopped_by_string = False
+        self.finish_reason = "length"
+        for (token,) in generate_ids(self.model, [self.prompt_ids], self.params, stop_ids=stop_ids,
+                                     pad_id=self.tokenizer.pad_token_id or 0):
+            if token in stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.completion_ids.append(token)
+            pending += decoder.push(token)
+            cut = _first_stop(pending, self.params.stop)
+            if cut is not None:
+                pending, stopped_by_string, self.finish_reason = pending[:cut], True, "stop"
+                break
+            if len(pending) > hold:
+                chunk, pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
+                self.text += chunk
+                yield chunk
+        if not stopped_by_string:
+            pending += decoder.flush()
+            cut = _first_stop(pending, self.params.stop)
+            if cut is not None:
+                pending, self.finish_reason = pending[:cut], "stop"
+        if pending:
+            self.text += pending
+            yield pending
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate_text(model: Qwen2ForCausalLM, tokenizer: Tokenizer, prompt_ids: list[int],
+                  params: SamplingParams) -> TextStream:
+    """Run a completion to the end and return the finished stream (text, ids, finish_reason)."""
+    stream = TextStream(model, tokenizer, prompt_ids, params)
+    for _ in stream:
+        pass
+    return stream
