@@ -1,0 +1,200 @@
+"""The `qwen2` command: `qwen2 <verb> [options]`. Each verb is a few lines calling library functions.
+
+Heavy imports (torch, the model) happen inside the verbs so `qwen2 --help` stays fast. Errors a
+user can fix (missing model, bad config, prompt too long) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+DEMO_PROMPT = "Write a Python function is_prime(n) that checks whether n is prime."
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="GGUF file, Hugging Face model directory, or hub id (default: the embedded demo model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: bfloat16 on CUDA, the checkpoint's own dtype on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config, else 0)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    import torch
+
+    from qwen2.checkpoint import load_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if dtype is None and str(device).startswith("cuda"):
+        dtype = torch.bfloat16
+    started = time.perf_counter()
+    pretrained = load_pretrained(args.model, dtype=dtype, device=device)
+    print(f"loaded {pretrained.source} ({pretrained.model.dtype}, {device}) in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return pretrained
+
+
+def _sampling(args: argparse.Namespace, generation_config: dict) -> Any:
+    from qwen2.inference import SamplingParams
+
+    return SamplingParams.from_generation_config(
+        generation_config, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        stop=args.stop)
+
+
+def _stream_reply(pretrained: Any, prompt_ids: list[int], params: Any) -> str:
+    """Print a completion as it is generated, then a one-line speed summary on stderr."""
+    from qwen2.inference import TextStream
+
+    stream = TextStream(pretrained.model, pretrained.tokenizer, prompt_ids, params)
+    started = time.perf_counter()
+    first_token_at = None
+    for chunk in stream:
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    ended = time.perf_counter()
+    sys.stdout.write("\n")
+    n = len(stream.completion_ids)
+    prefill = (first_token_at or ended) - started
+    decode_rate = (n - 1) / (ended - first_token_at) if first_token_at and n > 1 and ended > first_token_at else 0.0
+    print(f"[{len(prompt_ids)} prompt tokens in {prefill:.2f} s ({len(prompt_ids) / max(prefill, 1e-9):.1f} tokens/s); "
+          f"{n} new tokens at {decode_rate:.1f} tokens/s; finish_reason={stream.finish_reason}]", file=sys.stderr)
+    return stream.text
+
+
+def _messages(system: str | None, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + history
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from qwen2.tokenizer import encode_chat
+
+    pretrained = _load(args)
+    params = _sampling(args, pretrained.generation_config)
+    tokenizer = pretrained.tokenizer
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt)
+    else:
+        messages = _messages(args.system, [{"role": "user", "content": args.prompt}])
+        prompt_ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
+    _stream_reply(pretrained, prompt_ids, params)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qwen2.tokenizer import encode_chat
+
+    pretrained = _load(args)
+    params = _sampling(args, pretrained.generation_config)
+    history: list[dict[str, str]] = []
+    if not sys.stdin.isatty():  # one-shot: the whole of stdin is one user message
+        text = sys.stdin.read()
+        if not text.strip():
+            raise ValueError("stdin is empty: nothing to answer")
+        history.append({"role": "user", "content": text})
+        _stream_reply(pretrained, encode_chat(pretrained.tokenizer, _messages(args.system, history),
+                                              add_generation_prompt=True), params)
+        return 0
+    print("chat with the model; /reset clears the history, /exit or Ctrl-D leaves", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            history.clear()
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        prompt_ids = encode_chat(pretrained.tokenizer, _messages(args.system, history), add_generation_prompt=True)
+        reply = _stream_reply(pretrained, prompt_ids, params)
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from qwen2.checkpoint import load_pretrained, save_pretrained
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    started = time.perf_counter()
+    pretrained = load_pretrained(args.src, dtype=dtype)
+    save_pretrained(pretrained, args.dst)
+    print(f"wrote {args.dst} ({pretrained.model.dtype}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt (through the chat template unless --raw)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
+    p.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat interactively (one-shot when stdin is not a terminal)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a GGUF / HF directory / hub id into a Hugging Face directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto keeps the values exactly: float32 for a dequantized GGUF)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qwen2.checkpoint import CheckpointError
+    from qwen2.config import ConfigError
+    from qwen2.demo import DemoWeightsError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, DemoWeightsError, ValueError, OSError) as e:
+        if os.environ.get("QWEN2_DEBUG"):
+            raise
+        print(f"qwen2 {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
