@@ -186,9 +186,12 @@ class Qwen2Config:
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         try:
-            return cls(**kwargs, extra=extra)
+            config = cls(**kwargs, extra=extra)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        # Remember which keys were written as null so a round trip reproduces the file exactly.
+        config._explicit_nulls = {k for k, v in kwargs.items() if v is None}
+        return config
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Qwen2Config":
@@ -208,10 +211,10 @@ class Qwen2Config:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         extra = data.pop("extra")
-        if data["head_dim"] is None:
-            del data["head_dim"]
-        if data["layer_types"] is None:
-            del data["layer_types"]
+        explicit_nulls = getattr(self, "_explicit_nulls", set())
+        for name in ("head_dim", "layer_types", "rope_scaling", "pad_token_id", "sliding_window"):
+            if data[name] is None and name not in explicit_nulls:
+                del data[name]
         data.update(extra)
         return data
 

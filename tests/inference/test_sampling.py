@@ -1,0 +1,66 @@
+"""Sampling warpers against their definitions, and against transformers' logits processors."""
+
+import math
+
+import pytest
+import torch
+
+from qwen2.inference.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample_next_token
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next_token(logits, SamplingParams()), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs,processor", [
+    ({"top_k": 5}, lambda: transformers.TopKLogitsWarper(5)),
+    ({"top_p": 0.7}, lambda: transformers.TopPLogitsWarper(0.7)),
+    ({"min_p": 0.1}, lambda: transformers.MinPLogitsWarper(0.1)),
+])
+def test_filters_keep_the_same_tokens_as_transformers(kwargs, processor):
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1)) * 3
+    ours = filter_logits(logits, **kwargs)
+    theirs = processor()(torch.zeros(4, 1, dtype=torch.long), logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_repetition_penalty_matches_transformers():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(2))
+    prev = torch.tensor([[1, 5, 5, 7], [2, 3, 29, 0]])
+    seen = torch.zeros(2, 30, dtype=torch.bool).scatter_(1, prev, True)
+    theirs = transformers.RepetitionPenaltyLogitsProcessor(1.3)(prev, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), theirs)
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
+    params = SamplingParams(temperature=1.0)
+    draws = [int(sample_next_token(logits, params, generator=torch.Generator().manual_seed(s))) for s in range(2000)]
+    again = [int(sample_next_token(logits, params, generator=torch.Generator().manual_seed(s))) for s in range(2000)]
+    assert draws == again
+    assert 3 not in draws  # zero probability is never drawn
+    assert abs(draws.count(0) / 2000 - 0.5) < 0.05
+
+
+def test_top_p_always_keeps_the_best_token():
+    logits = torch.tensor([[10.0, 0.0, 0.0]])
+    assert not math.isinf(filter_logits(logits, top_p=0.01)[0, 0])
+
+
+def test_generation_config_defaults_and_overrides():
+    gc = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    params = SamplingParams.from_generation_config(gc, temperature=None, seed=3)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed) == (0.7, 0.8, 20, 1.05, 3)
+    assert SamplingParams.from_generation_config({"do_sample": False, "temperature": 0.7}).greedy
+    assert SamplingParams.from_generation_config(gc, temperature=0.0).greedy
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2},
+                                    {"min_p": 1.0}, {"max_new_tokens": -1}, {"repetition_penalty": 0},
+                                    {"stop": ("",)}])
+def test_invalid_parameters_are_named(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)
