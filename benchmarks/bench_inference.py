@@ -1,0 +1,103 @@
+"""Prefill and decode speed of the demo model: qwen2 vs transformers, same weights, same precision, one run.
+
+Both load the same GGUF (dequantized to float32), then each precision is measured on both
+implementations back to back, medians of --repeats runs. Prints a markdown table for
+docs/BENCHMARKS.md. Usage: python benchmarks/bench_inference.py [--repeats 3] [--dtypes float32 bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import platform
+import statistics
+import time
+
+import torch
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = parser.parse_args()
+
+    import transformers
+
+    from qwen2.checkpoint import load_pretrained
+    from qwen2.demo import demo_gguf_path
+    from qwen2.inference import SamplingParams, generate_ids
+    from qwen2.tokenizer import encode_chat
+
+    path = demo_gguf_path()
+    load_ours = timed(lambda: globals().__setitem__("_ours", load_pretrained(path, dtype=torch.float32)))
+    ours_fp32 = globals().pop("_ours")
+    load_hf = timed(lambda: globals().__setitem__("_hf", transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()))
+    hf_fp32 = globals().pop("_hf")
+    tokenizer = ours_fp32.tokenizer
+    prompt = encode_chat(tokenizer, [{"role": "user", "content": "Write a quicksort in Python."}],
+                         add_generation_prompt=True)
+    long_ids = torch.randint(1000, 100000, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
+    n_new = args.decode_tokens
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        # Module.to() converts in place: convert copies so the float32 originals stay exact.
+        ours = copy.deepcopy(ours_fp32.model).to(dtype) if dtype != torch.float32 else ours_fp32.model
+        hf = copy.deepcopy(hf_fp32).to(dtype) if dtype != torch.float32 else hf_fp32
+
+        def ours_prefill():
+            with torch.inference_mode():
+                ours(long_ids, logits_to_keep=1)
+
+        def hf_prefill():
+            with torch.inference_mode():
+                hf(long_ids, logits_to_keep=1, use_cache=False)
+
+        def ours_decode():
+            for _ in generate_ids(ours, [prompt], SamplingParams(max_new_tokens=n_new)):
+                pass
+
+        def hf_decode():
+            with torch.inference_mode():
+                hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+
+        results = {}
+        for label, fn in [("qwen2 prefill", ours_prefill), ("transformers prefill", hf_prefill),
+                          ("qwen2 decode", ours_decode), ("transformers decode", hf_decode)]:
+            fn()  # warm-up
+            times = [timed(fn) for _ in range(args.repeats)]
+            count = args.prefill_tokens if "prefill" in label else n_new
+            results[label] = count / statistics.median(times)
+            print(f"{dtype_name:9s} {label:22s} {results[label]:8.1f} tokens/s", flush=True)
+        rows.append((dtype_name, results))
+        del ours, hf
+        gc.collect()
+
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}. "
+          f"Load: qwen2 {load_ours:.1f} s, transformers {load_hf:.1f} s. Medians of {args.repeats}.\n")
+    print(f"| dtype | prefill {args.prefill_tokens} tok: qwen2 | transformers | ratio "
+          f"| decode {n_new} tok (batch 1): qwen2 | transformers | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype_name, r in rows:
+        p_ours, p_hf = r["qwen2 prefill"], r["transformers prefill"]
+        d_ours, d_hf = r["qwen2 decode"], r["transformers decode"]
+        print(f"| {dtype_name} | {p_ours:.1f} | {p_hf:.1f} | {p_ours / p_hf:.2f}x "
+              f"| {d_ours:.1f} | {d_hf:.1f} | {d_ours / d_hf:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
