@@ -1,6 +1,7 @@
 """The real demo model: parity with transformers, greedy agreement, conversion round trip, and a
 real coding answer that passes real assertions."""
 
+import copy
 import re
 import subprocess
 import sys
@@ -74,9 +75,11 @@ IS_PRIME_CHECKS = textwrap.dedent("""
 """)
 
 
-def test_demo_model_writes_a_correct_is_prime(demo, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16 is what `make demo` runs
+def test_demo_model_writes_a_correct_is_prime(demo, tmp_path, dtype):
+    model = demo.model if dtype == torch.float32 else copy.deepcopy(demo.model).to(dtype)
     prompt = chat_ids(demo.tokenizer, "Write a Python function is_prime(n) that checks whether n is prime")
-    reply = generate_text(demo.model, demo.tokenizer, prompt, SamplingParams(max_new_tokens=400)).text
+    reply = generate_text(model, demo.tokenizer, prompt, SamplingParams(max_new_tokens=400)).text
     code = extract_code(reply)
     assert "def is_prime" in code, reply
     script = tmp_path / "check.py"
