@@ -64,14 +64,17 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
         raise CheckpointError(f"hub model {repo_id!r}: download failed ({type(e).__name__}: {e})") from None
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    if path.is_file():
-        fields = GGUFFile(path).tokenizer_fields()
+def load_tokenizer(source: Path | GGUFFile) -> Tokenizer:
+    """The tokenizer of a model directory or a GGUF file (from its metadata)."""
+    if isinstance(source, Path) and source.is_file():
+        source = GGUFFile(source)
+    if isinstance(source, GGUFFile):
+        fields = source.tokenizer_fields()
         tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(
             fields["tokens"], fields["token_types"], fields["merges"], bos_id=fields["bos_id"],
             eos_id=fields["eos_id"], pad_id=fields["pad_id"], chat_template=fields["chat_template"])
         return Tokenizer.from_tokenizer_json(tokenizer_json, tokenizer_config)
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(source)
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:
@@ -98,12 +101,11 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
-        model = load_gguf_model(path, dtype=dtype or torch.float32, device=device)
-        generation_config: dict[str, Any] = {}
-    else:
-        model = load_hf_model(path, dtype=dtype, device=device)
-        generation_config = read_generation_config(path)
-    return Pretrained(model, load_tokenizer(path), generation_config, str(path))
+        gguf_file = GGUFFile(path)  # parsed once, for the weights and the tokenizer
+        model = load_gguf_model(gguf_file, dtype=dtype or torch.float32, device=device)
+        return Pretrained(model, load_tokenizer(gguf_file), {}, str(path))
+    model = load_hf_model(path, dtype=dtype, device=device)
+    return Pretrained(model, load_tokenizer(path), read_generation_config(path), str(path))
 
 
 def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
