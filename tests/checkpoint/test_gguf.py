@@ -150,3 +150,44 @@ def test_fuzzed_headers_never_escape_as_other_errors(tmp_path, tiny):
             load_gguf_model(path)
         except CheckpointError:
             pass  # the only acceptable failure
+
+
+def _header(*kv_bytes: bytes, num_tensors: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, num_tensors, len(kv_bytes)) + b"".join(kv_bytes)
+
+
+def _kv_string(key: str, value: str) -> bytes:
+    import struct
+
+    k, v = key.encode(), value.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<I", 8) + struct.pack("<Q", len(v)) + v
+
+
+@pytest.mark.parametrize("payload,message", [
+    # an array claiming 2^60 uint32 elements: refused before any loop or allocation
+    (lambda s: _header(_kv_string("general.architecture", "qwen2"),
+                       struct_pack("<Q", 3) + b"arr" + struct_pack("<IIQ", 9, 4, 1 << 60)), "file ends inside"),
+    # a string claiming 2^62 bytes
+    (lambda s: _header(struct_pack("<Q", 1 << 62) + b"k"), "file ends inside"),
+    # a tensor whose data lies past the end of the file
+    (lambda s: _header(_kv_string("general.architecture", "qwen2"), num_tensors=1) + struct_pack("<Q", 17)
+     + b"token_embd.weight" + struct_pack("<IQQIQ", 2, 64, 1 << 20, 0, 0), "beyond the end of the file"),
+    # an unknown tensor type
+    (lambda s: _header(_kv_string("general.architecture", "qwen2"), num_tensors=1) + struct_pack("<Q", 1)
+     + b"x" + struct_pack("<IQI Q", 1, 32, 999, 0), "unknown type 999"),
+    (lambda s: b"GGUF" + b"\x01\x00\x00\x00", "version 1"),
+])
+def test_hostile_headers_fail_fast_with_a_named_error(tmp_path, payload, message):
+    # The message shows the check fired on the header itself, before any loop over the claimed count.
+    path = tmp_path / "evil.gguf"
+    path.write_bytes(payload(None))
+    with pytest.raises(CheckpointError, match=message):
+        GGUFFile(path)
+
+
+def struct_pack(fmt: str, *values) -> bytes:
+    import struct
+
+    return struct.pack(fmt.replace(" ", ""), *values)
