@@ -72,7 +72,9 @@ def load_ours(directory: str | None) -> Tokenizer:
     return Tokenizer.from_tokenizer_json(obj, config)
 
 
-def throughput(encode: Callable[[str], list[int]], docs: list[str], megabytes: float, runs: int = 3) -> tuple[float, list[list[int]]]:
+def throughput(
+    encode: Callable[[str], list[int]], docs: list[str], megabytes: float, runs: int = 3
+) -> tuple[float, list[list[int]]]:
     """Median MB/s over `runs` passes, and the ids of the last pass."""
     rates = []
     ids: list[list[int]] = []

@@ -5,4 +5,11 @@ from qwen2.tokenizer.chat import encode_chat, encode_chat_with_mask, render_chat
 from qwen2.tokenizer.stream import StreamDecoder
 from qwen2.tokenizer.vocab import tokenizer_json_from_gguf
 
-__all__ = ["StreamDecoder", "Tokenizer", "encode_chat", "encode_chat_with_mask", "render_chat", "tokenizer_json_from_gguf"]
+__all__ = [
+    "StreamDecoder",
+    "Tokenizer",
+    "encode_chat",
+    "encode_chat_with_mask",
+    "render_chat",
+    "tokenizer_json_from_gguf",
+]

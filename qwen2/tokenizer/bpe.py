@@ -90,7 +90,8 @@ class Tokenizer:
         """Use the classmethod constructors; `vocab` must come from `parse_tokenizer_json`."""
         self._vocab = vocab
         self._config = dict(config)
-        self._engine: Engine = build_engine(vocab)
+        regular_bytes = [token_to_bytes(t) for t in vocab.tokens]
+        self._engine: Engine = build_engine(vocab, regular_bytes)
 
         self._added_by_content = {t.content: t for t in vocab.added}
         # Longest first, so that of two added tokens where one is a prefix of the other, the longer wins
@@ -98,8 +99,7 @@ class Tokenizer:
         alternatives = sorted(self._added_by_content, key=len, reverse=True)
         self._added_pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
-        self._id_to_bytes: list[bytes] = [token_to_bytes(t) for t in vocab.tokens]
-        self._id_to_bytes += [t.content.encode("utf-8") for t in vocab.added]
+        self._id_to_bytes = regular_bytes + [t.content.encode("utf-8") for t in vocab.added]
         self._token_ids = {t: i for i, t in enumerate(vocab.tokens)}
         self._token_ids.update({t.content: t.id for t in vocab.added})
         self._special_ids = frozenset(t.id for t in vocab.added if t.special)
@@ -142,7 +142,8 @@ class Tokenizer:
         directory = Path(path)
         if not directory.is_dir():
             raise ValueError(f"{directory}: not a directory")
-        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+        config_path = directory / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.exists() else {}
         if not isinstance(config, dict):
             raise ValueError(f"{directory / 'tokenizer_config.json'}: expected a JSON object")
         config = dict(config)
@@ -187,7 +188,9 @@ class Tokenizer:
             ids += self._engine.encode(_normalize(text[start:]))
         return ids
 
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 8) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], *, allow_special: bool = False, num_threads: int = 8
+    ) -> list[list[int]]:
         """`encode` on each text, in parallel threads (the BPE engines release the GIL)."""
         if isinstance(texts, str):
             raise ValueError("encode_batch() expects a sequence of str, got a single str")
@@ -199,11 +202,12 @@ class Tokenizer:
     def decode_bytes(self, ids: Iterable[int], *, skip_special: bool = False) -> bytes:
         """The raw bytes of `ids` (may end inside a UTF-8 character). ValueError for unknown ids."""
         ids = list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= len(self._id_to_bytes)):
-            bad = next(i for i in ids if not 0 <= i < len(self._id_to_bytes))
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {len(self._id_to_bytes)})")
         table = self._id_to_bytes
         try:
+            # One C-speed range check instead of a per-id one; negative ids would silently index from the end.
+            if ids and (min(ids) < 0 or max(ids) >= len(table)):
+                bad = next(i for i in ids if not 0 <= i < len(table))
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {len(table)})")
             if skip_special:
                 special = self._special_ids
                 return b"".join([table[i] for i in ids if i not in special])
@@ -277,7 +281,8 @@ class Tokenizer:
         """Byte-level string of a regular id, content of an added one; ValueError if out of range."""
         if not isinstance(idx, int) or not 0 <= idx < self.vocab_size:
             raise ValueError(f"token id {idx!r} is outside the vocabulary [0, {self.vocab_size})")
-        return self._vocab.tokens[idx] if idx < len(self._vocab.tokens) else self._vocab.added[idx - len(self._vocab.tokens)].content
+        regular = self._vocab.tokens
+        return regular[idx] if idx < len(regular) else self._vocab.added[idx - len(regular)].content
 
     # ------------------------------------------------------------------------------------------------
     # Saving

@@ -8,7 +8,8 @@ plain characters, so it cannot close its turn and forge a system or assistant me
 How: before rendering, every added-token string inside the data is swapped for a random placeholder;
 after rendering, the remaining added-token strings can only come from the template and are mapped to
 their ids, while each run of ordinary text gets its placeholders swapped back and is encoded as
-plain text.
+plain text. (A template that measures or slices message text would see the placeholders; the Qwen
+templates only concatenate it.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from qwen2.tokenizer.template import ChatTemplateError, RenderBudget, render
 if TYPE_CHECKING:
     from qwen2.tokenizer.bpe import Tokenizer
 
-__all__ = ["CHATML_TEMPLATE", "ChatTemplateError", "RenderBudget", "encode_chat", "encode_chat_with_mask", "render_chat"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "ChatTemplateError",
+    "RenderBudget",
+    "encode_chat",
+    "encode_chat_with_mask",
+    "render_chat",
+]
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -178,17 +186,19 @@ def encode_chat(
     restore = {p: name for name, p in placeholder.items()}
     restore_pattern = re.compile(f"\ue000{nonce}\\d+\ue001")
 
+    def unmask(text: str) -> str:
+        return restore_pattern.sub(lambda m: restore.get(m.group(), m.group()), text)
+
     rendered = render(template, _neutralize(context, pattern, placeholder), budget)
     ids: list[int] = []
     start = 0
     for match in pattern.finditer(rendered):  # what is left of added-token text came from the template
         if match.start() > start:
-            plain = restore_pattern.sub(lambda m: restore[m.group()], rendered[start : match.start()])
-            ids += tokenizer.encode(plain)
+            ids += tokenizer.encode(unmask(rendered[start : match.start()]))
         ids.append(added[match.group()])
         start = match.end()
     if start < len(rendered):
-        ids += tokenizer.encode(restore_pattern.sub(lambda m: restore[m.group()], rendered[start:]))
+        ids += tokenizer.encode(unmask(rendered[start:]))
     return ids
 
 
@@ -209,7 +219,9 @@ def encode_chat_with_mask(
     straddles the header and the content (e.g. "\\n\\n" when content starts with a newline) counts as
     content. Raises ValueError if the vocabulary has no <|im_start|>/<|im_end|>.
     """
-    ids = encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools, budget=budget, **extra)
+    ids = encode_chat(
+        tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools, budget=budget, **extra
+    )
     im_start, im_end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
     if im_start is None or im_end is None:
         raise ValueError("encode_chat_with_mask needs a ChatML vocabulary (<|im_start|>, <|im_end|>)")

@@ -20,7 +20,7 @@ import tiktoken
 import tokenizers
 from tokenizers import pre_tokenizers
 
-from qwen2.tokenizer.vocab import PRETOKENIZE_REGEX, Vocabulary, token_to_bytes
+from qwen2.tokenizer.vocab import PRETOKENIZE_REGEX, Vocabulary
 
 
 class Engine(Protocol):
@@ -60,13 +60,14 @@ class TokenizersEngine:
 
 # tiktoken's regex engine (fancy-regex) keeps one backtracking entry per character of a whitespace run
 # for `\s+(?!\S)`, and panics (pyo3 PanicException, not even an Exception) once a single run reaches
-# ~1M characters (measured: 900k spaces ok, 1M fail). Text with a run far below that limit is
-# routed to the tokenizers engine, which handles 1M spaces in <1 s and gives the same ids.
+# ~1M characters (measured: 900k spaces ok, 1M fail; mixed whitespace runs of 131k fuzzed ok).
+# Text with a run far below that limit is routed to the tokenizers engine, which handles 1M spaces
+# in <1 s and gives the same ids.
 LONG_SPACE_RUN = 65_536
 
 
 def _has_long_space_run(text: str, limit: int = LONG_SPACE_RUN) -> bool:
-    """True if `text` may contain a whitespace run of `limit` chars; always True for runs >= 2*limit.
+    """True only if `text` has a whitespace run longer than `limit`, and always if one of >= 2*limit.
 
     Scanning every character with a regex would cost ~25% of encode time, so sample every `limit`-th
     character: a run of 2*limit chars contains a whole aligned window [k*limit, (k+1)*limit], whose
@@ -146,7 +147,7 @@ def merges_match_ranks(token_bytes: list[bytes], merges: list[tuple[str, str]], 
        longer text, the parts covering t evolve as in that restricted run, so tiktoken can only ever
        build t from (a, b) -- never from another split it would find in the vocab -- and both engines
        make the same choice at every step.
-    Qwen2/2.5 pass; the check costs ~0.5 s in pure Python for 151k merges.
+    Qwen2/2.5 pass; the check costs ~0.8 s in pure Python for 151k merges (once per load).
     """
     ranks = {b: i for i, b in enumerate(token_bytes)}
     if len(ranks) != len(token_bytes):
@@ -168,9 +169,11 @@ def merges_match_ranks(token_bytes: list[bytes], merges: list[tuple[str, str]], 
     return True
 
 
-def build_engine(vocab: Vocabulary) -> Engine:
-    """tiktoken when it provably matches HF for this vocabulary, else the tokenizers library."""
-    token_bytes = [token_to_bytes(t) for t in vocab.tokens]
+def build_engine(vocab: Vocabulary, token_bytes: list[bytes]) -> Engine:
+    """tiktoken when it provably matches HF for this vocabulary, else the tokenizers library.
+
+    `token_bytes[i]` are the raw bytes of regular token i (`vocab.token_to_bytes(vocab.tokens[i])`).
+    """
     if merges_match_ranks(token_bytes, vocab.merges, vocab.tokens):
         return TiktokenEngine(vocab, token_bytes)
     return TokenizersEngine(vocab)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import sys
 import threading
 import time
@@ -53,7 +54,9 @@ class RenderBudget:
     max_chars: int = 16 * 2**20
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson HTML-escapes '<', '>', '&' and "'"; chat templates expect plain JSON.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -214,8 +217,19 @@ def _compile(template: str) -> jinja2.environment.Template:
     return _ENVIRONMENT.from_string(template)
 
 
+def _jinja_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", jinja2.__version__)[:3])
+
+
+# Jinja sandboxes before 3.1.6 have published escapes (CVE-2024-56201, CVE-2024-56326, CVE-2025-27516).
+_MIN_JINJA = (3, 1, 6)
+
+
 def render(template: str, context: dict[str, Any], budget: RenderBudget | None = None) -> str:
     """Render `template` with `context` (already plain data) in the sandbox, within `budget`."""
+    if _jinja_version() < _MIN_JINJA:
+        raise ChatTemplateError(f"jinja2>={'.'.join(map(str, _MIN_JINJA))} is required to render chat templates safely "
+                                f"(installed: {jinja2.__version__})")
     limits = _Limits(budget or RenderBudget())
     try:
         compiled = _compile(template)

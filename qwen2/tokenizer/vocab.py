@@ -17,7 +17,8 @@ from typing import Any
 # The Qwen2 pre-tokenizer regex (HF `PRETOKENIZE_REGEX`): contractions, letter runs with one optional
 # leading non-letter, single digits, punctuation runs, newline runs, and whitespace not followed by text.
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 
@@ -114,7 +115,8 @@ def _check_pipeline(obj: dict[str, Any]) -> None:
         and not byte_level.get("add_prefix_space", False)
         and not byte_level.get("use_regex", True)
     ):
-        raise _fail("pre_tokenizer.pretokenizers[1]", f"expected ByteLevel(add_prefix_space=False, use_regex=False), got {byte_level!r}")
+        expected = "ByteLevel(add_prefix_space=False, use_regex=False)"
+        raise _fail("pre_tokenizer.pretokenizers[1]", f"expected {expected}, got {byte_level!r}")
     decoder = obj.get("decoder")
     if decoder is not None and not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"):
         raise _fail("decoder", f"expected ByteLevel, got {decoder!r}")

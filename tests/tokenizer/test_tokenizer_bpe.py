@@ -205,7 +205,8 @@ def test_whitespace_run_beyond_tiktoken_regex_limit(tiny: Tokenizer, tiny_refere
 
 def test_save_and_from_dir_round_trip(tiny: Tokenizer, tmp_path: Path) -> None:
     tiny.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
     assert (tmp_path / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\nh e\n")
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["eos_token"] == "<|im_end|>" and config["added_tokens_decoder"][str(tiny.eos_token_id)]["special"]
@@ -213,12 +214,14 @@ def test_save_and_from_dir_round_trip(tiny: Tokenizer, tmp_path: Path) -> None:
     assert [loaded.encode(t, allow_special=True) for t in TEXTS + SPECIAL_TEXTS] == [
         tiny.encode(t, allow_special=True) for t in TEXTS + SPECIAL_TEXTS
     ]
-    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.special_ids) == (tiny.eos_token_id, tiny.pad_token_id, tiny.special_ids)
+    facts = lambda t: (t.eos_token_id, t.pad_token_id, t.special_ids)  # noqa: E731
+    assert facts(loaded) == facts(tiny)
 
     # Without tokenizer.json: the slow-tokenizer files plus added_tokens_decoder.
     (tmp_path / "tokenizer.json").unlink()
     from_vocab_files = Tokenizer.from_dir(tmp_path)
-    assert from_vocab_files.encode(SPECIAL_TEXTS[1], allow_special=True) == tiny.encode(SPECIAL_TEXTS[1], allow_special=True)
+    text = SPECIAL_TEXTS[1]
+    assert from_vocab_files.encode(text, allow_special=True) == tiny.encode(text, allow_special=True)
     assert from_vocab_files.special_ids == tiny.special_ids
 
 

@@ -271,7 +271,8 @@ def test_real_template_injection(qwen: Tokenizer, reference: Any) -> None:
         tools = [{"type": "function", "function": {"name": "f", "description": description}}]
         messages = [
             {"role": "user", "content": user},
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"x": argument}}}]},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"function": {"name": "f", "arguments": {"x": argument}}}]},
             {"role": "tool", "content": tool},
         ]
         return messages, tools

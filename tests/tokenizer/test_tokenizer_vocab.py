@@ -122,7 +122,8 @@ def test_gguf_lists_to_tokenizer(tiny_json: dict[str, Any], tiny: Tokenizer) -> 
     assert [t["content"] for t in obj["added_tokens"]] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>"]
     assert [t["special"] for t in obj["added_tokens"]] == [True, True, True, False]
     assert obj["normalizer"] == {"type": "NFC"}  # restored; transformers' GGUF loader drops it
-    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|endoftext|>", "<|im_end|>", "<|endoftext|>")
+    named = (config["bos_token"], config["eos_token"], config["pad_token"])
+    assert named == ("<|endoftext|>", "<|im_end|>", "<|endoftext|>")
     assert config["chat_template"] == "T" and config["added_tokens_decoder"][str(n + 3)]["special"] is False
     tok = Tokenizer.from_tokenizer_json(obj, config)
     assert tok.vocab_size == n + 4  # padding rows are not tokens
