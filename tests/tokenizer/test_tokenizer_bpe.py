@@ -193,9 +193,9 @@ def test_long_space_run_detection() -> None:
 def test_whitespace_run_beyond_tiktoken_regex_limit(tiny: Tokenizer, tiny_reference: Any) -> None:
     # tiktoken's regex engine panics near 1M whitespace characters; such text goes to tokenizers.
     text = "a" + " " * 1_100_000 + "b\n"
-    start = time.perf_counter()
+    start = time.thread_time()
     ids = tiny.encode(text)
-    assert time.perf_counter() - start < 5
+    assert time.thread_time() - start < 2.0
     assert ids == tiny_reference.encode(text).ids
 
 
