@@ -195,7 +195,7 @@ def test_whitespace_run_beyond_tiktoken_regex_limit(tiny: Tokenizer, tiny_refere
     text = "a" + " " * 1_100_000 + "b\n"
     start = time.thread_time()
     ids = tiny.encode(text)
-    assert time.thread_time() - start < 2.0
+    assert time.thread_time() - start < 20.0  # blow-up guard with 20x headroom, not a benchmark
     assert ids == tiny_reference.encode(text).ids
 
 

@@ -211,7 +211,9 @@ def test_hostile_templates_hit_the_budget_quickly(template: str) -> None:
     start = time.perf_counter()
     with pytest.raises(TemplateBudgetError):
         _render(template, RenderBudget(seconds=0.3, max_chars=1_000_000))
-    assert time.perf_counter() - start < 2.0
+    # The budget must end the render, not the template finishing its (near-endless) work;
+    # generous bound so a busy machine cannot fail it.
+    assert time.perf_counter() - start < 20.0
     assert sys.gettrace() is None  # the tracer is removed again
 
 
