@@ -34,12 +34,14 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
 @torch.inference_mode()
 def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: SamplingParams, *,
                  stop_ids: set[int] | frozenset[int] = frozenset(), pad_id: int = 0,
-                 done: list[bool] | None = None) -> Iterator[list[int | None]]:
+                 num_valid_tokens: int | None = None, done: list[bool] | None = None) -> Iterator[list[int | None]]:
     """Yield, for each decode step, the new token of every row (None for rows that have finished).
 
     A row finishes when it samples a stop id (that id is still yielded) or reaches
     max_new_tokens. `done` is the caller's list of per-row flags: the caller may set an entry to
     end a row early (e.g. a stop string matched); this function sets it when a row finishes.
+    `num_valid_tokens` (the tokenizer's vocabulary size) keeps the padding rows of the embedding
+    (ids 151665..151935 in Qwen2.5) from ever being sampled.
     """
     B = len(prompts)
     done = done if done is not None else [False] * B
@@ -70,6 +72,8 @@ def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: Samp
     logits_BV = model(ids_BT, attention_mask_BS=mask_BS[:, :longest] if padded else None,
                       kv_cache=cache, logits_to_keep=1)[:, -1]
     for step in range(max_new):
+        if num_valid_tokens is not None and num_valid_tokens < logits_BV.shape[-1]:
+            logits_BV[:, num_valid_tokens:] = -float("inf")
         next_B = sample_next_token(logits_BV, params, seen_BV=seen_BV, generator=generator)
         tokens = next_B.tolist()
         out: list[int | None] = []
@@ -114,7 +118,8 @@ class TextStream:
         stopped_by_string = False
         self.finish_reason = "length"
         for (token,) in generate_ids(self.model, [self.prompt_ids], self.params, stop_ids=stop_ids,
-                                     pad_id=self.tokenizer.pad_token_id or 0):
+                                     pad_id=self.tokenizer.pad_token_id or 0,
+                                     num_valid_tokens=self.tokenizer.vocab_size):
             if token in stop_ids:
                 self.finish_reason = "stop"
                 break

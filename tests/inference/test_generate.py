@@ -88,3 +88,18 @@ def test_context_limits(model):
         run(model, [list(range(64))], SamplingParams(max_new_tokens=1))
     # A prompt that fits but leaves less room than asked stops at the context end.
     assert len(run(model, [list(range(60))], SamplingParams(max_new_tokens=10))[0]) == 4
+
+
+def test_padding_rows_of_the_embedding_are_never_sampled(model):
+    # Make the last 12 rows (padding rows in a real Qwen2 embedding) the most likely by far.
+    with torch.no_grad():
+        model.lm_head.weight[500:] += 5 * model.lm_head.weight[:12].abs().max()
+    try:
+        params = SamplingParams(temperature=1.5, max_new_tokens=20, seed=0)
+        free = run(model, [[1, 2, 3]], params)[0]
+        limited = run(model, [[1, 2, 3]], params, num_valid_tokens=500)[0]
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[500:] -= 5 * model.lm_head.weight[:12].abs().max()
+    assert any(t >= 500 for t in free)  # the test can fail: without the limit they are sampled
+    assert all(t < 500 for t in limited)
