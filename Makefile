@@ -1,19 +1,22 @@
 # Two entry points for a fresh machine (see README): `make demo` and `make test`.
-# Both create .venv, install torch==2.13.0 first (a CPU build; an unpinned torch would pull a
-# multi-GB CUDA build), then the package with its test and demo extras.
+# Both create .venv, install torch==2.13.0 first, then the package with its test and demo extras.
+# On this project's machines pip finds a CPU build of torch 2.13.0 on local disk; elsewhere plain
+# PyPI serves a multi-GB CUDA build, so pass TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu
+# for a CPU-only machine.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+TORCH_INDEX ?=
 
 .PHONY: demo test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 

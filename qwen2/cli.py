@@ -41,13 +41,21 @@ def _load(args: argparse.Namespace) -> Any:
 
     from qwen2.checkpoint import load_pretrained
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1 (got {args.threads})")
         torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (try cpu, cuda or cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (this PyTorch build or machine has none)")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    if dtype is None and str(device).startswith("cuda"):
+    if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
     started = time.perf_counter()
     pretrained = load_pretrained(args.model, dtype=dtype, device=device)
@@ -69,19 +77,18 @@ def _stream_reply(pretrained: Any, prompt_ids: list[int], params: Any) -> str:
     """Print a completion as it is generated, then a one-line speed summary on stderr."""
     from qwen2.inference import TextStream
 
-    stream = TextStream(pretrained.model, pretrained.tokenizer, prompt_ids, params)
-    started = time.perf_counter()
-    first_token_at = None
+    stream = TextStream(pretrained.model, pretrained.tokenizer, prompt_ids, params, stop_ids=pretrained.stop_ids)
     for chunk in stream:
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
         sys.stdout.write(chunk)
         sys.stdout.flush()
-    ended = time.perf_counter()
     sys.stdout.write("\n")
+    # The stream's own stamps: the first token is sampled right after prefill, whether or not
+    # its text could be printed yet (a partial UTF-8 character or a possible stop string waits).
     n = len(stream.completion_ids)
-    prefill = (first_token_at or ended) - started
-    decode_rate = (n - 1) / (ended - first_token_at) if first_token_at and n > 1 and ended > first_token_at else 0.0
+    first = stream.first_token_at or stream.finished_at
+    prefill = first - stream.started_at
+    decode_time = stream.finished_at - first
+    decode_rate = (n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0
     print(f"[{len(prompt_ids)} prompt tokens in {prefill:.2f} s ({len(prompt_ids) / max(prefill, 1e-9):.1f} tokens/s); "
           f"{n} new tokens at {decode_rate:.1f} tokens/s; finish_reason={stream.finish_reason}]", file=sys.stderr)
     return stream.text
@@ -107,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from qwen2.inference import ContextLengthError
     from qwen2.tokenizer import encode_chat
 
     pretrained = _load(args)
@@ -136,7 +144,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         prompt_ids = encode_chat(pretrained.tokenizer, _messages(args.system, history), add_generation_prompt=True)
-        reply = _stream_reply(pretrained, prompt_ids, params)
+        try:
+            reply = _stream_reply(pretrained, prompt_ids, params)
+        except ContextLengthError as e:
+            history.pop()  # keep the session: the user can /reset or ask something shorter
+            print(f"error: {e}; type /reset to clear the history", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+            history.pop()
+            print("\n[interrupted]", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": reply})
 
 

@@ -1,7 +1,9 @@
 """Qwen2Config: the architecture as data. Field names are the keys of Hugging Face `config.json`.
 
 A config read from a checkpoint keeps every key it had (unknown ones go to `extra`), so writing it
-back loses nothing. Validation happens once, in `__post_init__`, and names the offending field.
+back loses nothing (transformers-5 `rope_parameters` / `dtype` are written back in the classic
+`rope_theta` / `rope_scaling` / `torch_dtype` form the official checkpoints use). Validation
+happens once, in `__post_init__`, and names the offending field.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qwen2.atomic import atomic_write_text
+
 # Values Qwen2 needs to be Qwen2; anything else is a different architecture.
 _SUPPORTED_MODEL_TYPES = ("qwen2",)
 _SUPPORTED_ACTIVATIONS = ("silu",)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
 # A config asking for more than this is almost certainly corrupt; refuse it before allocating.
 _MAX_DIM = 1 << 20
 _MAX_VOCAB = 1 << 24
@@ -60,7 +65,7 @@ class Qwen2Config:
     def __post_init__(self) -> None:
         self._validate()
 
-    # ---- derived values, bound once so the model never re-derives them ----
+    # ---- derived values ----
 
     @property
     def dim_per_head(self) -> int:
@@ -114,6 +119,13 @@ class Qwen2Config:
             limit = _MAX_VOCAB if name == "vocab_size" else (1 << 30 if name == "max_position_embeddings" else _MAX_DIM)
             if value > limit:
                 raise bad(name, f"is implausibly large (limit {limit})")
+        for name in ("tie_word_embeddings", "use_sliding_window", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if isinstance(self.max_window_layers, bool) or not isinstance(self.max_window_layers, int):
+            raise bad("max_window_layers", "must be an integer")
+        if self.torch_dtype is not None and self.torch_dtype not in _DTYPES:
+            raise bad("torch_dtype", f"must be one of {_DTYPES} or null")
         if self.num_hidden_layers > 4096:
             raise bad("num_hidden_layers", "is implausibly large (limit 4096)")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
@@ -132,10 +144,11 @@ class Qwen2Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise bad(name, "must be a positive number")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise bad("sliding_window", "must be a positive integer or null")
         if self.layer_types is not None:
-            if len(self.layer_types) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in self.layer_types):
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in self.layer_types):
                 raise bad("layer_types", f"must list {self.num_hidden_layers} entries from {_LAYER_TYPES}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise bad("sliding_window", "is required when layer_types has sliding_attention layers")
@@ -149,13 +162,22 @@ class Qwen2Config:
         rs = self.rope_scaling
         if not isinstance(rs, dict):
             raise bad("rope_scaling", "must be an object or null")
-        rope_type = rs.get("rope_type", rs.get("type", "default"))
+        rope_type = self.rope_type
         if rope_type not in _SUPPORTED_ROPE_TYPES:
             raise bad("rope_scaling", f"rope type {rope_type!r} is not one of {_SUPPORTED_ROPE_TYPES}")
+
+        def number(key: str, *, minimum: float, required: bool = False) -> None:
+            value = rs.get(key)
+            if value is None and not required:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+                raise bad("rope_scaling", f"{key!r} must be a number >= {minimum}")
+
         if rope_type != "default":
-            factor = rs.get("factor")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0:
-                raise bad("rope_scaling", "'factor' must be a number >= 1")
+            number("factor", minimum=1.0, required=True)
+        for key in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
+            number(key, minimum=1.0)
+        number("attention_factor", minimum=0.0)
 
     @property
     def rope_type(self) -> str:
@@ -220,62 +242,55 @@ class Qwen2Config:
 
     def save(self, path: str | Path) -> None:
         """Write config.json atomically (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(path)
-
-
-def _official(**overrides: Any) -> Qwen2Config:
-    return Qwen2Config(**overrides)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 # Shapes from the official config.json files (see shared qwen2-facts.md §1.2 and §1.4 for sources):
 # https://huggingface.co/Qwen/Qwen2-7B/blob/main/config.json and the Qwen2.5 model cards.
 PRESETS: dict[str, Qwen2Config] = {
     # Qwen2 (base configs: max_position_embeddings 131072; Instruct: 32768)
-    "qwen2-0.5b": _official(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    "qwen2-0.5b": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=131072,
                             max_window_layers=24, eos_token_id=151643),
-    "qwen2-1.5b": _official(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    "qwen2-1.5b": Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=131072,
                             max_window_layers=28, eos_token_id=151643),
-    "qwen2-7b": _official(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    "qwen2-7b": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                           num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
                           max_position_embeddings=131072, max_window_layers=28, eos_token_id=151643),
-    "qwen2-72b": _official(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+    "qwen2-72b": Qwen2Config(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                            num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
                            max_position_embeddings=131072, max_window_layers=80, rms_norm_eps=1e-5,
                            eos_token_id=151643),
     # Qwen2.5 Instruct (context 32K; the 7B+ models reach 128K with YaRN)
-    "qwen2.5-0.5b": _official(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    "qwen2.5-0.5b": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                               num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21),
-    "qwen2.5-1.5b": _official(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    "qwen2.5-1.5b": Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                               num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21),
-    "qwen2.5-3b": _official(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    "qwen2.5-3b": Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                             num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=70),
-    "qwen2.5-7b": _official(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    "qwen2.5-7b": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                             num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
                             max_window_layers=28),
-    "qwen2.5-14b": _official(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+    "qwen2.5-14b": Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                              num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
                              max_window_layers=70),
-    "qwen2.5-32b": _official(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+    "qwen2.5-32b": Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                              num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
                              max_window_layers=70),
-    "qwen2.5-72b": _official(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+    "qwen2.5-72b": Qwen2Config(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                              num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
                              max_window_layers=70),
     # Tiny random configs for tests: GQA and MHA, tied and untied, one with a sliding window.
-    "tiny": _official(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "tiny": Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       max_window_layers=2, rope_theta=10000.0, torch_dtype="float32", eos_token_id=1,
                       bos_token_id=0),
-    "tiny-mha-untied": _official(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "tiny-mha-untied": Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
                                  max_position_embeddings=256, max_window_layers=2, rope_theta=10000.0,
                                  torch_dtype="float32", eos_token_id=1, bos_token_id=0),
-    "tiny-swa": _official(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    "tiny-swa": Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           use_sliding_window=True, sliding_window=8, max_window_layers=1, rope_theta=10000.0,
                           torch_dtype="float32", eos_token_id=1, bos_token_id=0),

@@ -58,6 +58,15 @@ def test_transformers_v5_rope_parameters_are_read():
     ("model_type", "llama", "model_type"),
     ("rope_scaling", {"type": "yarn", "factor": 0.5}, "rope_scaling"),
     ("layer_types", ["full_attention"], "layer_types"),
+    ("layer_types", "full_attention", "layer_types"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings"),  # a truthy string would silently tie
+    ("use_sliding_window", 1, "use_sliding_window"),
+    ("max_window_layers", "21", "max_window_layers"),
+    ("torch_dtype", "int8", "torch_dtype"),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"},
+     "original_max_position_embeddings"),
+    ("rope_scaling", {"type": "yarn"}, "factor"),
+    ("rope_scaling", "yarn", "rope_scaling"),
 ])
 def test_bad_fields_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -183,37 +183,47 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: metadata {key!r} is missing")
         return value
 
+    def number(self, key: str, default: Any = None, *, kind: type = int) -> Any:
+        """A numeric metadata value converted to `kind`; a wrong type is a CheckpointError naming the key."""
+        value = self.require(key) if default is None else self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CheckpointError(f"{self.path}: metadata {key!r} must be a number, got {value!r}")
+        return kind(value)
+
     def config(self) -> Qwen2Config:
         tensors = {t.name: t for t in self.tensors}
         if "token_embd.weight" not in tensors:
             raise CheckpointError(f"{self.path}: tensor 'token_embd.weight' is missing")
-        hidden = int(self.require("qwen2.embedding_length"))
-        heads = int(self.require("qwen2.attention.head_count"))
+        hidden = self.number("qwen2.embedding_length")
+        heads = self.number("qwen2.attention.head_count")
+        if heads <= 0:
+            raise CheckpointError(f"{self.path}: metadata 'qwen2.attention.head_count' must be positive")
         key_length = self.get("qwen2.attention.key_length")
         data: dict[str, Any] = {
             "vocab_size": int(tensors["token_embd.weight"].shape[0]),
             "hidden_size": hidden,
-            "intermediate_size": int(self.require("qwen2.feed_forward_length")),
-            "num_hidden_layers": int(self.require("qwen2.block_count")),
+            "intermediate_size": self.number("qwen2.feed_forward_length"),
+            "num_hidden_layers": self.number("qwen2.block_count"),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self.get("qwen2.attention.head_count_kv", heads)),
-            "max_position_embeddings": int(self.get("qwen2.context_length", 32768)),
-            "rms_norm_eps": float(self.get("qwen2.attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(self.get("qwen2.rope.freq_base", 1_000_000.0)),
+            "num_key_value_heads": self.number("qwen2.attention.head_count_kv", heads),
+            "max_position_embeddings": self.number("qwen2.context_length", 32768),
+            "rms_norm_eps": self.number("qwen2.attention.layer_norm_rms_epsilon", 1e-6, kind=float),
+            "rope_theta": self.number("qwen2.rope.freq_base", 1_000_000.0, kind=float),
             # A separate output tensor means an untied head (llama.cpp and transformers agree).
             "tie_word_embeddings": "output.weight" not in tensors,
             "bos_token_id": self.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.get("tokenizer.ggml.eos_token_id"),
             "torch_dtype": "float32",
         }
-        if key_length is not None and int(key_length) != hidden // heads:
-            data["head_dim"] = int(key_length)
+        if key_length is not None and self.number("qwen2.attention.key_length") != hidden // heads:
+            data["head_dim"] = self.number("qwen2.attention.key_length")
         scaling_type = self.get("qwen2.rope.scaling.type")
         if scaling_type in ("yarn", "linear"):
-            data["rope_scaling"] = {"rope_type": scaling_type, "factor": float(self.require("qwen2.rope.scaling.factor"))}
-            original = self.get("qwen2.rope.scaling.original_context_length")
-            if original:
-                data["rope_scaling"]["original_max_position_embeddings"] = int(original)
+            data["rope_scaling"] = {"rope_type": scaling_type,
+                                    "factor": self.number("qwen2.rope.scaling.factor", kind=float)}
+            if self.get("qwen2.rope.scaling.original_context_length"):
+                data["rope_scaling"]["original_max_position_embeddings"] = self.number(
+                    "qwen2.rope.scaling.original_context_length")
         try:
             return Qwen2Config.from_dict(data, source=str(self.path))
         except ConfigError as e:
@@ -224,10 +234,15 @@ class GGUFFile:
         model = self.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise CheckpointError(f"{self.path}: tokenizer model is {model!r}, expected 'gpt2' (byte-level BPE)")
+        fields = {key: self.require(f"tokenizer.ggml.{key}") for key in ("tokens", "token_type", "merges")}
+        for key, value in fields.items():
+            element = int if key == "token_type" else str
+            if not isinstance(value, list) or not all(type(v) is element for v in value):
+                raise CheckpointError(f"{self.path}: metadata 'tokenizer.ggml.{key}' must be a list of {element.__name__}")
         return {
-            "tokens": list(self.require("tokenizer.ggml.tokens")),
-            "token_types": [int(t) for t in self.require("tokenizer.ggml.token_type")],
-            "merges": list(self.require("tokenizer.ggml.merges")),
+            "tokens": fields["tokens"],
+            "token_types": fields["token_type"],
+            "merges": fields["merges"],
             "bos_id": self.get("tokenizer.ggml.bos_token_id"),
             "eos_id": self.get("tokenizer.ggml.eos_token_id"),
             "pad_id": self.get("tokenizer.ggml.padding_token_id"),

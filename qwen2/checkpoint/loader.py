@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from qwen2.atomic import atomic_write_text
 from qwen2.checkpoint.gguf import GGUFFile, load_gguf_model
 from qwen2.checkpoint.safetensors import CheckpointError, load_hf_model
 from qwen2.model import Qwen2ForCausalLM
@@ -30,6 +31,15 @@ class Pretrained:
     tokenizer: Tokenizer
     generation_config: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end a reply: the tokenizer's (<|im_end|>, <|endoftext|>) plus the eos ids of
+        config.json and generation_config.json, so a fine-tune with its own eos also stops."""
+        ids = set(self.tokenizer.stop_ids) | set(self.model.config.eos_token_ids)
+        eos = self.generation_config.get("eos_token_id")
+        ids |= {eos} if isinstance(eos, int) else {i for i in (eos or []) if isinstance(i, int)}
+        return frozenset(ids)
 
 
 def resolve(name: str | Path | None) -> Path:
@@ -47,7 +57,10 @@ def resolve(name: str | Path | None) -> Path:
             raise CheckpointError(f"{path}: directory has no config.json (and not exactly one .gguf file)")
         return path
     if _HUB_ID.match(str(name)):
-        return download(str(name))
+        try:
+            return download(str(name))
+        except CheckpointError as e:
+            raise CheckpointError(f"no local path {str(name)!r}, and as a hub id: {e}") from None
     raise CheckpointError(f"model {str(name)!r} not found: not a file, not a directory, and not a hub id (org/name)")
 
 
@@ -68,13 +81,19 @@ def load_tokenizer(source: Path | GGUFFile) -> Tokenizer:
     """The tokenizer of a model directory or a GGUF file (from its metadata)."""
     if isinstance(source, Path) and source.is_file():
         source = GGUFFile(source)
-    if isinstance(source, GGUFFile):
-        fields = source.tokenizer_fields()
-        tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(
-            fields["tokens"], fields["token_types"], fields["merges"], bos_id=fields["bos_id"],
-            eos_id=fields["eos_id"], pad_id=fields["pad_id"], chat_template=fields["chat_template"])
-        return Tokenizer.from_tokenizer_json(tokenizer_json, tokenizer_config)
-    return Tokenizer.from_dir(source)
+    where = source.path if isinstance(source, GGUFFile) else source
+    try:
+        if isinstance(source, GGUFFile):
+            fields = source.tokenizer_fields()
+            tokenizer_json, tokenizer_config = tokenizer_json_from_gguf(
+                fields["tokens"], fields["token_types"], fields["merges"], bos_id=fields["bos_id"],
+                eos_id=fields["eos_id"], pad_id=fields["pad_id"], chat_template=fields["chat_template"])
+            return Tokenizer.from_tokenizer_json(tokenizer_json, tokenizer_config)
+        return Tokenizer.from_dir(source)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the tokenizer's own validation errors; say which model they came from
+        raise CheckpointError(f"{where}: tokenizer: {e}") from None
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:
@@ -102,10 +121,17 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
         gguf_file = GGUFFile(path)  # parsed once, for the weights and the tokenizer
+        tokenizer = load_tokenizer(gguf_file)
         model = load_gguf_model(gguf_file, dtype=dtype or torch.float32, device=device)
-        return Pretrained(model, load_tokenizer(gguf_file), {}, str(path))
-    model = load_hf_model(path, dtype=dtype, device=device)
-    return Pretrained(model, load_tokenizer(path), read_generation_config(path), str(path))
+        pretrained = Pretrained(model, tokenizer, {}, str(path))
+    else:
+        tokenizer = load_tokenizer(path)
+        model = load_hf_model(path, dtype=dtype, device=device)
+        pretrained = Pretrained(model, tokenizer, read_generation_config(path), str(path))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+                              f"has only {model.config.vocab_size} rows (vocab_size in config.json)")
+    return pretrained
 
 
 def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
@@ -122,6 +148,4 @@ def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: tor
         generation_config = {"bos_token_id": pretrained.tokenizer.bos_token_id,
                              "pad_token_id": pretrained.tokenizer.pad_token_id,
                              "eos_token_id": sorted(pretrained.tokenizer.stop_ids)}
-    tmp = directory / "generation_config.json.tmp"
-    tmp.write_text(json.dumps(generation_config, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(directory / "generation_config.json")
+    atomic_write_text(directory / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")

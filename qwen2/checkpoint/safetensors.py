@@ -8,7 +8,6 @@ Pickle checkpoints (`pytorch_model.bin`) are refused: loading them can run arbit
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from qwen2.atomic import atomic_path, atomic_write_text
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
 
@@ -62,6 +62,10 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a directory: model.safetensors, else the shards named by the index."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         if index.stat().st_size > _MAX_INDEX_BYTES:
@@ -70,22 +74,18 @@ def _weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         paths = []
         for name in files:
+            if not isinstance(name, str):
+                raise CheckpointError(f"{index}: shard name {name!r} is not a string")
             path = (directory / name).resolve()
-            if not isinstance(name, str) or path.parent != directory.resolve():
+            if path.parent != directory.resolve():
                 raise CheckpointError(f"{index}: shard {name!r} is not a file inside {directory}")
             if not path.is_file():
                 raise CheckpointError(f"{index}: shard {name} is missing from {directory}")
             paths.append(path)
         return paths
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    shards = sorted(directory.glob("model-*.safetensors"))
-    if shards:
-        return shards
     if any((directory / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise CheckpointError(f"{directory}: only pickle weights (pytorch_model.bin) found; they are not loaded "
                               "because unpickling can run code. Convert them to safetensors first.")
@@ -141,6 +141,11 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
         shards[-1][name] = tensor
         size += nbytes
     metadata = {"format": "pt"}
+    # Remove weights of an earlier save first: a stale index or shard would otherwise be loaded
+    # (or mixed in) instead of what we write now.
+    for stale in [directory / "model.safetensors", directory / "model.safetensors.index.json",
+                  *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
     if len(shards) == 1:
         _atomic_save(shards[0], directory / "model.safetensors", metadata)
     else:
@@ -150,7 +155,7 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
             _atomic_save(shard, directory / fname, metadata)
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        _atomic_write_text(directory / "model.safetensors.index.json",
+        atomic_write_text(directory / "model.safetensors.index.json",
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = Qwen2Config.from_dict(model.config.to_dict())
     config.torch_dtype = str(dtype).removeprefix("torch.")
@@ -158,12 +163,5 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -3,10 +3,13 @@
 This is the slow, obvious path that everything faster is tested against. `generate_ids` works on
 token ids for a batch of prompts (left-padded into one cache); `TextStream` layers text on top:
 incremental UTF-8 decoding, stop strings, and finish reasons.
+
+Shape legend: B batch, T prompt tokens, S cache slots, V vocab.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,13 +40,18 @@ def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: Samp
                  num_valid_tokens: int | None = None, done: list[bool] | None = None) -> Iterator[list[int | None]]:
     """Yield, for each decode step, the new token of every row (None for rows that have finished).
 
-    A row finishes when it samples a stop id (that id is still yielded) or reaches
-    max_new_tokens. `done` is the caller's list of per-row flags: the caller may set an entry to
-    end a row early (e.g. a stop string matched); this function sets it when a row finishes.
+    A row finishes when it samples a stop id (that id is still yielded), reaches
+    max_new_tokens, or reaches the end of the context. `done` is the caller's list of per-row
+    flags: the caller may set an entry to end a row early (e.g. a stop string matched); this
+    function sets it when a row finishes.
     `num_valid_tokens` (the tokenizer's vocabulary size) keeps the padding rows of the embedding
     (ids 151665..151935 in Qwen2.5) from ever being sampled.
     """
     B = len(prompts)
+    if B == 0:
+        raise ValueError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("the prompt is empty")
     done = done if done is not None else [False] * B
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
@@ -63,7 +71,8 @@ def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: Samp
     seen_BV = None
     if params.repetition_penalty != 1.0:
         seen_BV = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
-        seen_BV.scatter_(1, ids_BT, mask_BS[:, :longest].bool())
+        for row, prompt in enumerate(prompts):  # per row: padding must not mark (or unmark) pad_id
+            seen_BV[row, torch.tensor(prompt, device=device)] = True
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -82,7 +91,7 @@ def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: Samp
                 out.append(None)
                 continue
             out.append(token)
-            if token in stop_ids or step + 1 >= params.max_new_tokens:
+            if token in stop_ids or step + 1 >= max_new:
                 done[row] = True
         yield out
         if all(done) or step + 1 == max_new:
@@ -106,12 +115,21 @@ class TextStream:
     tokenizer: Tokenizer
     prompt_ids: list[int]
     params: SamplingParams
+    stop_ids: frozenset[int] | None = None  # default: the tokenizer's stop ids + config.json's eos ids
     completion_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once finished
     text: str = ""
+    started_at: float | None = None  # perf_counter() stamps, for reporting speed
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     def __iter__(self) -> Iterator[str]:
-        stop_ids = set(self.tokenizer.stop_ids)
+        if self.started_at is not None:
+            raise RuntimeError("a TextStream can be iterated only once")
+        self.started_at = time.perf_counter()
+        stop_ids = self.stop_ids
+        if stop_ids is None:
+            stop_ids = frozenset(self.tokenizer.stop_ids) | set(self.model.config.eos_token_ids)
         decoder = StreamDecoder(self.tokenizer, skip_special=True)
         hold = max((len(s) for s in self.params.stop), default=1) - 1
         pending = ""  # decoded text not yet emitted
@@ -120,6 +138,8 @@ class TextStream:
         for (token,) in generate_ids(self.model, [self.prompt_ids], self.params, stop_ids=stop_ids,
                                      pad_id=self.tokenizer.pad_token_id or 0,
                                      num_valid_tokens=self.tokenizer.vocab_size):
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
             if token in stop_ids:
                 self.finish_reason = "stop"
                 break
@@ -138,6 +158,7 @@ class TextStream:
             cut = _first_stop(pending, self.params.stop)
             if cut is not None:
                 pending, self.finish_reason = pending[:cut], "stop"
+        self.finished_at = time.perf_counter()
         if pending:
             self.text += pending
             yield pending

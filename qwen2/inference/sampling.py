@@ -31,6 +31,14 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"sampling parameter {name!r}: {why} (got {getattr(self, name)!r})")
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            check(name, not isinstance(value, bool) and isinstance(value, (int, float)), "must be a number")
+        for name in ("top_k", "max_new_tokens"):
+            value = getattr(self, name)
+            check(name, not isinstance(value, bool) and isinstance(value, int), "must be an integer")
+        check("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+              "must be an integer or null")
         check("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "must be >= 0")
         check("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0")
         check("top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
@@ -46,20 +54,32 @@ class SamplingParams:
     @classmethod
     def from_generation_config(cls, generation_config: dict[str, Any], **overrides: Any) -> "SamplingParams":
         """Defaults from a checkpoint's generation_config.json (Qwen2.5-Instruct ships temperature,
-        top_p, top_k and repetition_penalty there), then explicit overrides (None = keep)."""
+        top_p, top_k and repetition_penalty there), then explicit overrides (None = keep).
+
+        As in transformers, `do_sample: false` means greedy whatever the temperature says, and a
+        sampling config that names no top_k gets transformers' default of 50.
+        """
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
         gc = generation_config or {}
-        if gc.get("do_sample", False):
+        do_sample = gc.get("do_sample", False)
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"generation_config 'do_sample' must be true or false (got {do_sample!r})")
+        if do_sample:
+            values["top_k"] = 50
             for key in ("temperature", "top_k", "top_p", "min_p"):
                 if gc.get(key) is not None:
                     values[key] = gc[key]
         if gc.get("repetition_penalty") is not None:
-            values["repetition_penalty"] = float(gc["repetition_penalty"])
-        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
-        if "stop" in values:
-            values["stop"] = tuple(values["stop"])
-        return replace(cls(), **values)
+            values["repetition_penalty"] = gc["repetition_penalty"]
+        try:
+            defaults = replace(cls(), **values)
+        except ValueError as e:
+            raise ValueError(f"generation_config: {e}") from None
+        overrides = {k: v for k, v in overrides.items() if v is not None and k in known}
+        if "stop" in overrides:
+            overrides["stop"] = tuple(overrides["stop"])
+        return replace(defaults, **overrides)
 
 
 def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:

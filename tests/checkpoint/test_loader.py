@@ -43,7 +43,7 @@ def test_unknown_hub_id_offline_is_a_clear_error(tmp_path):
     cache, _ = hub_cache_with(tmp_path, "Qwen/Qwen2.5-Tiny")
     result = run_resolve("Qwen/Does-Not-Exist", cache)
     assert result.returncode != 0
-    assert "CheckpointError: hub model 'Qwen/Does-Not-Exist'" in result.stderr
+    assert "CheckpointError: no local path 'Qwen/Does-Not-Exist', and as a hub id: hub model" in result.stderr
 
 
 def test_local_paths(tmp_path):

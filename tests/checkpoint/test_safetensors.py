@@ -110,6 +110,20 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 
 def test_index_pointing_outside_the_directory_is_refused(tmp_path):
     save_hf_model(tiny(), tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": 5}}))
+    with pytest.raises(CheckpointError, match="not a string"):
+        load_hf_model(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
     with pytest.raises(CheckpointError, match="not a file inside"):
         load_hf_model(tmp_path)
+
+
+def test_saving_over_a_sharded_directory_leaves_no_stale_shards(tmp_path):
+    save_hf_model(tiny(), tmp_path, max_shard_bytes=40_000)
+    other = tiny("tiny")
+    with torch.no_grad():
+        other.model.norm.weight.fill_(2.0)
+    save_hf_model(other, tmp_path)  # now a single file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_hf_model(tmp_path).model.norm.weight, other.model.norm.weight)

@@ -103,3 +103,77 @@ def test_padding_rows_of_the_embedding_are_never_sampled(model):
             model.lm_head.weight[500:] -= 5 * model.lm_head.weight[:12].abs().max()
     assert any(t >= 500 for t in free)  # the test can fail: without the limit they are sampled
     assert all(t < 500 for t in limited)
+
+
+# ---- TextStream: text, UTF-8 boundaries, stop strings, finish reasons (scripted model) ----
+
+from conftest import ScriptedModel  # noqa: E402
+
+from qwen2.inference import TextStream  # noqa: E402
+
+IM_END = 258
+
+
+def stream_of(tokenizer, text: str, params: SamplingParams, *, tail=(IM_END,), **model_kw) -> tuple[TextStream, list[str]]:
+    script = list(text.encode("utf-8")) + list(tail)
+    stream = TextStream(ScriptedModel(script, **model_kw), tokenizer, [1, 2, 3], params)
+    return stream, list(stream)
+
+
+def test_stream_stops_at_the_end_token_and_hides_it(byte_tokenizer):
+    stream, chunks = stream_of(byte_tokenizer, "Hello world", SamplingParams(max_new_tokens=50))
+    assert "".join(chunks) == stream.text == "Hello world"
+    assert stream.finish_reason == "stop"
+    assert stream.completion_ids == list(b"Hello world")
+
+
+def test_stream_never_emits_half_a_character(byte_tokenizer):
+    text = "你好, 世界 🙂!"
+    stream, chunks = stream_of(byte_tokenizer, text, SamplingParams(max_new_tokens=80))
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+    assert len(chunks) > 5  # really streamed, one piece per complete character
+
+
+def test_stop_string_across_tokens_is_never_emitted(byte_tokenizer):
+    stream, chunks = stream_of(byte_tokenizer, "abc STOP def", SamplingParams(max_new_tokens=80, stop=("STOP",)))
+    assert "".join(chunks) == stream.text == "abc "
+    assert stream.finish_reason == "stop"
+    assert not any("S" in c for c in chunks)
+
+
+def test_earliest_of_several_stop_strings_wins(byte_tokenizer):
+    stream, _ = stream_of(byte_tokenizer, "one\n\ntwo###", SamplingParams(max_new_tokens=80, stop=("###", "\n\n")))
+    assert stream.text == "one"
+
+
+def test_length_limit(byte_tokenizer):
+    stream, chunks = stream_of(byte_tokenizer, "abcdefgh", SamplingParams(max_new_tokens=5))
+    assert stream.text == "abcde" and stream.finish_reason == "length"
+
+
+def test_config_eos_also_stops(byte_tokenizer):
+    # A fine-tune whose config names its own eos id (here the byte "!" = 33) stops there too.
+    stream, _ = stream_of(byte_tokenizer, "wow!more", SamplingParams(max_new_tokens=50), tail=(), eos_token_id=33)
+    assert stream.text == "wow" and stream.finish_reason == "stop"
+
+
+def test_a_stream_is_single_use(byte_tokenizer):
+    stream, _ = stream_of(byte_tokenizer, "hi", SamplingParams(max_new_tokens=5))
+    with pytest.raises(RuntimeError, match="only once"):
+        list(stream)
+
+
+def test_empty_prompts_are_refused(model):
+    with pytest.raises(ValueError, match="no prompts"):
+        next(generate_ids(model, [], SamplingParams()))
+    with pytest.raises(ValueError, match="empty"):
+        next(generate_ids(model, [[1, 2], []], SamplingParams()))
+
+
+def test_repetition_penalty_counts_prompt_tokens_equal_to_the_pad_id():
+    # The model prefers token 42 (logit 10, others 1). Row 0's prompt contains 42 and is left-padded
+    # with pad_id=42: padding must not unmark it, so the penalty (10 -> 1e-5) must steer away.
+    params = SamplingParams(max_new_tokens=1, repetition_penalty=1e6)
+    rows = run(ScriptedModel([42], baseline=1.0), [[42, 9], [5, 6, 8, 9]], params, pad_id=42)
+    assert rows[0][0] != 42 and rows[1][0] == 42

@@ -56,6 +56,16 @@ def test_generation_config_defaults_and_overrides():
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed) == (0.7, 0.8, 20, 1.05, 3)
     assert SamplingParams.from_generation_config({"do_sample": False, "temperature": 0.7}).greedy
     assert SamplingParams.from_generation_config(gc, temperature=0.0).greedy
+    # transformers' default top_k (50) applies when a sampling config does not name one
+    assert SamplingParams.from_generation_config({"do_sample": True, "temperature": 0.7}).top_k == 50
+
+
+@pytest.mark.parametrize("gc,field", [({"do_sample": "false"}, "do_sample"),
+                                      ({"do_sample": True, "top_p": "0.8"}, "top_p"),
+                                      ({"repetition_penalty": "x"}, "repetition_penalty")])
+def test_malformed_generation_config_is_named(gc, field):
+    with pytest.raises(ValueError, match=f"generation_config.*{field}"):
+        SamplingParams.from_generation_config(gc)
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2},
