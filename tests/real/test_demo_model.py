@@ -3,6 +3,7 @@ real coding answer that passes real assertions."""
 
 import copy
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -64,15 +65,43 @@ def extract_code(reply: str) -> str:
 
 
 IS_PRIME_CHECKS = textwrap.dedent("""
-    assert is_prime(2) and is_prime(3) and is_prime(5) and is_prime(7)
-    assert is_prime(11) and is_prime(13) and is_prime(97)
-    assert not is_prime(0) and not is_prime(1) and not is_prime(4)
-    assert not is_prime(9) and not is_prime(15) and not is_prime(25) and not is_prime(100)
-    assert is_prime(7919) and not is_prime(7917)
+    assert is_prime(2)
+    assert is_prime(3)
+    assert is_prime(5)
+    assert is_prime(13)
+    assert is_prime(97)
+    assert is_prime(7919)
+    assert not is_prime(0)
+    assert not is_prime(1)
+    assert not is_prime(4)
+    assert not is_prime(9)
+    assert not is_prime(25)
+    assert not is_prime(7917)
     assert not is_prime(-7)
     assert [n for n in range(30) if is_prime(n)] == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]
     print("ALL-PASSED")
 """)
+
+
+def _limit_resources() -> None:
+    """In the child, before exec: CPU seconds, address space, file size, open files; no core dumps."""
+    import resource
+
+    for limit, value in [(resource.RLIMIT_CPU, 20), (resource.RLIMIT_AS, 1 << 30), (resource.RLIMIT_FSIZE, 1 << 20),
+                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]:
+        resource.setrlimit(limit, (value, value))
+
+
+def run_untrusted(script, cwd) -> subprocess.CompletedProcess:
+    """Model-written code: a fresh isolated interpreter with no environment, resource limits, a
+    timeout, and, where the kernel allows it, its own PID and network namespaces (no network, no
+    way to signal our processes). The full sandbox is the synthesis issue's; this is the floor."""
+    command = [sys.executable, "-I", "-S", str(script)]
+    if shutil.which("unshare") and subprocess.run(["unshare", "-pfn", "--mount-proc", "true"],
+                                                   capture_output=True).returncode == 0:
+        command = ["unshare", "-pfn", "--mount-proc", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=cwd,
+                          env={}, preexec_fn=_limit_resources)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16 is what `make demo` runs
@@ -84,9 +113,7 @@ def test_demo_model_writes_a_correct_is_prime(demo, tmp_path, dtype):
     assert "def is_prime" in code, reply
     script = tmp_path / "check.py"
     script.write_text(code + "\n" + IS_PRIME_CHECKS)
-    # Model-written code: a separate, isolated interpreter (-I), no stdin, a time limit.
-    result = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, timeout=60,
-                            stdin=subprocess.DEVNULL, cwd=tmp_path, env={})
+    result = run_untrusted(script, tmp_path)
     assert result.stdout.strip().endswith("ALL-PASSED"), (reply, result.stderr)
 
 
