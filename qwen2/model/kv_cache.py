@@ -53,6 +53,3 @@ class KVCache:
 
     def advance(self, num_new_tokens: int) -> None:
         self.length += num_new_tokens
-
-    def reset(self) -> None:
-        self.length = 0

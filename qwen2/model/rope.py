@@ -3,7 +3,7 @@
 The rotation pairs dimension i with i + C/2 (NeoX style, not interleaved pairs), which is what the
 Qwen2 checkpoints were trained with, so weights load without any permutation.
 
-Shape legend: B batch, T tokens, H heads, C head dim.
+Shape legend: B batch, T tokens, H heads, C head dim, c = C/2 (one frequency per rotated pair).
 """
 
 from __future__ import annotations
