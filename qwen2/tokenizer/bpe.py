@@ -26,6 +26,7 @@ from typing import Any
 
 from tokenizers import normalizers
 
+from qwen2.atomic import atomic_write_text
 from qwen2.tokenizer.engine import Engine, build_engine
 from qwen2.tokenizer.vocab import (
     AddedToken,
@@ -314,7 +315,7 @@ class Tokenizer:
         _write_json(out / "tokenizer.json", build_tokenizer_json(self._vocab))
         _write_json(out / "vocab.json", {t: i for i, t in enumerate(self._vocab.tokens)})
         lines = ["#version: 0.2", *(f"{a} {b}" for a, b in self._vocab.merges)]
-        (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(out / "merges.txt", "\n".join(lines) + "\n")
         _write_json(out / "tokenizer_config.json", self.tokenizer_config(), indent=2)
 
 
@@ -338,7 +339,7 @@ def _read_json(path: Path) -> Any:
 
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     # ensure_ascii=False keeps the byte-level vocab readable and the files as HF writes them.
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
 def _added_tokens_from_config(config: dict[str, Any], path: Path) -> list[AddedToken]:
