@@ -249,35 +249,46 @@ class Qwen2Config:
 # https://huggingface.co/Qwen/Qwen2-7B/blob/main/config.json and the Qwen2.5 model cards.
 PRESETS: dict[str, Qwen2Config] = {
     # Qwen2 (base configs: max_position_embeddings 131072; Instruct: 32768)
+    # hf.co/Qwen/Qwen2-0.5B/blob/main/config.json
     "qwen2-0.5b": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=131072,
                             max_window_layers=24, eos_token_id=151643),
+    # hf.co/Qwen/Qwen2-1.5B/blob/main/config.json
     "qwen2-1.5b": Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=131072,
                             max_window_layers=28, eos_token_id=151643),
+    # hf.co/Qwen/Qwen2-7B/blob/main/config.json
     "qwen2-7b": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                           num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
                           max_position_embeddings=131072, max_window_layers=28, eos_token_id=151643),
+    # hf.co/Qwen/Qwen2-72B/blob/main/config.json (base: rms_norm_eps 1e-5)
     "qwen2-72b": Qwen2Config(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                            num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
                            max_position_embeddings=131072, max_window_layers=80, rms_norm_eps=1e-5,
                            eos_token_id=151643),
     # Qwen2.5 Instruct (context 32K; the 7B+ models reach 128K with YaRN)
+    # hf.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/config.json
     "qwen2.5-0.5b": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                               num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21),
+    # hf.co/Qwen/Qwen2.5-1.5B-Instruct/blob/main/config.json
     "qwen2.5-1.5b": Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                               num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=21),
+    # hf.co/Qwen/Qwen2.5-3B-Instruct/blob/main/config.json
     "qwen2.5-3b": Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                             num_key_value_heads=2, tie_word_embeddings=True, max_window_layers=70),
+    # hf.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json
     "qwen2.5-7b": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                             num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
                             max_window_layers=28),
+    # hf.co/Qwen/Qwen2.5-14B-Instruct/blob/main/config.json
     "qwen2.5-14b": Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                              num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
                              max_window_layers=70),
+    # hf.co/Qwen/Qwen2.5-32B-Instruct/blob/main/config.json
     "qwen2.5-32b": Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                              num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
                              max_window_layers=70),
+    # hf.co/Qwen/Qwen2.5-72B-Instruct/blob/main/config.json
     "qwen2.5-72b": Qwen2Config(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                              num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
                              max_window_layers=70),
