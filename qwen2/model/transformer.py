@@ -137,8 +137,9 @@ class Qwen2ForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when the config says so (small Qwen2 sizes).
 
-        Call again after replacing parameters (e.g. a state-dict load with assign=True)."""
-        if self.config.tie_word_embeddings:
+        Call again after replacing parameters (e.g. a state-dict load with assign=True). A quantized
+        head (qwen2.model.quant) is a separate, quantized copy and is left alone."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
@@ -155,13 +156,14 @@ class Qwen2ForCausalLM(nn.Module):
             h_BTD = h_BTD[:, -logits_to_keep:]
         return self.lm_head(h_BTD)
 
+    # The embedding is never quantized, so it tells the activation dtype and the device.
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def init_weights(self, seed: int | None = None) -> None:
         """Random init as transformers does: N(0, initializer_range) weights, zero biases, unit norms."""

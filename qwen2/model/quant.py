@@ -1,0 +1,153 @@
+"""Weight-only int8 / int4 quantization of the linear layers, on PyTorch's packed CPU kernels.
+
+Two steps, as in gpt-fast: `quantize_weight` turns a float weight into *portable* tensors (what a
+quantized checkpoint stores), and `Int8Linear` / `Int4Linear` are built from those tensors for
+runtime (int4 is repacked into the CPU kernel's private tile layout, which is never saved).
+
+- int8: symmetric, one scale per output channel: w ~= q * scale, q in [-127, 127].
+- int4: asymmetric, one (scale, min) pair per group of `group_size` input columns:
+  w ~= q * scale + min, q in [0, 15]. Portable storage packs two columns per byte (low nibble =
+  even column).
+
+Activations stay in the model's float dtype; only weights are quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QuantMode = Literal["int8", "int4"]
+QUANT_MODES: tuple[str, ...] = ("int8", "int4")
+# The int4 CPU kernel takes the packed weight in tiles of 16 * inner_k_tiles rows of K.
+_INNER_K_TILES = 2
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: QuantMode
+    group_size: int = 32  # int4 only; must divide every in_features
+    include_lm_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"quantization mode {self.mode!r} is not one of {QUANT_MODES}")
+        if self.mode == "int4" and self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"int4 group_size must be 32, 64, 128 or 256 (got {self.group_size})")
+
+    def applies_to(self, module_name: str) -> bool:
+        """Which linear layers are quantized: every projection, and the LM head unless excluded."""
+        if module_name == "lm_head":
+            return self.include_lm_head
+        return module_name.startswith("model.layers.")
+
+    def to_dict(self) -> dict:
+        """The `quantization_config` entry of a quantized checkpoint's config.json."""
+        return {"quant_method": "qwen2-weight-only", "mode": self.mode, "group_size": self.group_size,
+                "include_lm_head": self.include_lm_head}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        if not isinstance(data, dict) or data.get("quant_method") != "qwen2-weight-only":
+            raise ValueError(f"quantization_config {data!r} is not a qwen2 weight-only quantization")
+        return cls(mode=data.get("mode"), group_size=data.get("group_size", 32),
+                   include_lm_head=bool(data.get("include_lm_head", True)))
+
+
+def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """Portable quantized tensors for a float weight (out, in):
+    int8 -> {"qweight": int8 (out, in), "scales": float32 (out,)};
+    int4 -> {"qweight": uint8 (out, in/2), "scales", "zeros": float32 (out, in/G)}."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    if config.mode == "int8":
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"qweight": q, "scales": scales}
+    G = config.group_size
+    if in_features % G:
+        raise ValueError(f"in_features {in_features} is not a multiple of the int4 group size {G}")
+    w_OgG = w.view(out_features, in_features // G, G)
+    lo, hi = w_OgG.amin(-1), w_OgG.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((w_OgG - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).view(out_features, -1)
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": lo}
+
+
+def dequantize_weight(tensors: dict[str, torch.Tensor], config: QuantConfig) -> torch.Tensor:
+    """The float weight the portable tensors stand for (the reference the kernels are tested against)."""
+    q = tensors["qweight"]
+    if config.mode == "int8":
+        return q.float() * tensors["scales"][:, None].float()
+    nibbles = torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1).float()
+    G = config.group_size
+    w_OgG = nibbles.view(q.shape[0], -1, G) * tensors["scales"][..., None].float() + tensors["zeros"][..., None].float()
+    return w_OgG.view(q.shape[0], -1)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + bias, with int8 q read directly by `torch._weight_int8pack_mm`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = tensors["qweight"].shape
+        self.register_buffer("qweight", tensors["qweight"].to(torch.int8).contiguous())
+        self.register_buffer("scales", tensors["scales"].to(dtype).contiguous())
+        self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales.to(x.dtype))
+            y = y.view(*shape[:-1], self.out_features)
+        else:  # other devices: dequantize on the fly (correct everywhere, fast on CPU only)
+            y = F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """y = x @ (q * scale + min).T + bias via `_weight_int4pack_mm_for_cpu` (weights repacked at build)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype,
+                 group_size: int) -> None:
+        super().__init__()
+        q = tensors["qweight"]
+        self.out_features, self.in_features = q.shape[0], q.shape[1] * 2
+        self.group_size = group_size
+        nibbles = torch.stack((q & 0xF, q >> 4), dim=-1).view(self.out_features, -1).to(torch.int32)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, _INNER_K_TILES))
+        # The kernel computes (q - 8) * scale + zero_point, so the zero point is min + 8 * scale.
+        scales, zeros = tensors["scales"].float(), tensors["zeros"].float()
+        self.register_buffer("scales_and_zeros",
+                             torch.stack((scales.t(), (zeros + 8 * scales).t()), dim=-1).to(dtype).contiguous())
+        self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, self.group_size,
+                                                       self.scales_and_zeros.to(x.dtype))
+        y = y.view(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def quantized_linear(tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, config: QuantConfig,
+                     dtype: torch.dtype) -> nn.Module:
+    if config.mode == "int8":
+        return Int8Linear(tensors, bias, dtype)
+    return Int4Linear(tensors, bias, dtype, config.group_size)
+
+
+def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace the model's linear layers by quantized ones, in place, one layer at a time (so the
+    float and quantized copies of only one layer coexist). Untie the LM head first if it is shared."""
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and config.applies_to(name)]
+    for name in targets:
+        linear = model.get_submodule(name)
+        tensors = quantize_weight(linear.weight, config)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        model.set_submodule(name, quantized_linear(tensors, bias, config, linear.weight.dtype))
+    return model
