@@ -22,6 +22,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bfloat16 on CUDA, the checkpoint's own dtype on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    _add_quant_args(p, required=False)
+
+
+def _add_quant_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, required=required,
+                   help="weight-only quantization of the linear layers (int8 per channel, int4 per group)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128 or 256)")
+    p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the LM head in float")
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    if args.quantize is None:
+        return None
+    from qwen2.model.quant import QuantConfig
+
+    return QuantConfig(args.quantize, group_size=args.group_size, include_lm_head=not args.no_quantize_lm_head)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -58,9 +74,11 @@ def _load(args: argparse.Namespace) -> Any:
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
     started = time.perf_counter()
-    pretrained = load_pretrained(args.model, dtype=dtype, device=device)
-    print(f"loaded {pretrained.source} ({pretrained.model.dtype}, {device}) in {time.perf_counter() - started:.1f} s",
-          file=sys.stderr)
+    quant = _quant_config(args)
+    pretrained = load_pretrained(args.model, dtype=dtype, device=device, quant=quant)
+    weights = f", {quant.mode} weights" if quant else ""
+    print(f"loaded {pretrained.source} ({pretrained.model.dtype}{weights}, {device}) in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     return pretrained
 
 
@@ -170,6 +188,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from qwen2.checkpoint import load_pretrained, save_pretrained
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    started = time.perf_counter()
+    pretrained = load_pretrained(args.src, dtype=dtype)
+    quant = _quant_config(args)
+    save_pretrained(pretrained, args.dst, quant=quant, dtype=dtype or torch.bfloat16)
+    print(f"wrote {args.dst} ({quant.mode} weights) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -192,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto keeps the values exactly: float32 for a dequantized GGUF)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write an int8/int4 copy of a model (loads back with --model DST)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the tensors left in float (embedding, norms, biases, scales); auto = bfloat16")
+    _add_quant_args(p, required=True)
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

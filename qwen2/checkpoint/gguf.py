@@ -21,6 +21,7 @@ import torch
 from qwen2.checkpoint.safetensors import CheckpointError, assign_weights, build_empty_model
 from qwen2.config import ConfigError, Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
+from qwen2.model.quant import QuantConfig
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -270,8 +271,9 @@ class GGUFFile:
 
 
 def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> Qwen2ForCausalLM:
-    """Build a Qwen2ForCausalLM from a GGUF file, every tensor dequantized to float32 then cast to dtype."""
+                    device: torch.device | str = "cpu", quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
+    """Build a Qwen2ForCausalLM from a GGUF file, every tensor dequantized to float32 then cast to
+    dtype, or (with `quant`) requantized to our int8/int4 one tensor at a time."""
     gguf_file = source if isinstance(source, GGUFFile) else GGUFFile(source)
     model = build_empty_model(gguf_file.config())
-    return assign_weights(model, gguf_file.iter_dequantized(), dtype=dtype, device=device)
+    return assign_weights(model, gguf_file.iter_dequantized(), dtype=dtype, device=device, quant=quant)

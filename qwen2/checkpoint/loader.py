@@ -19,6 +19,7 @@ from qwen2.atomic import atomic_write_text
 from qwen2.checkpoint.gguf import GGUFFile, load_gguf_model
 from qwen2.checkpoint.safetensors import CheckpointError, load_hf_model
 from qwen2.model import Qwen2ForCausalLM
+from qwen2.model.quant import QuantConfig
 from qwen2.tokenizer import Tokenizer, tokenizer_json_from_gguf
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,11 +111,12 @@ def read_generation_config(directory: Path) -> dict[str, Any]:
 
 
 def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu") -> Pretrained:
+                    device: torch.device | str = "cpu", quant: QuantConfig | None = None) -> Pretrained:
     """Model, tokenizer and generation defaults for `name` (see the module docstring).
 
     dtype None keeps the checkpoint's dtype: float32 for a dequantized GGUF, the config's
-    `torch_dtype` (bfloat16 for official checkpoints) for a directory.
+    `torch_dtype` (bfloat16 for official checkpoints) for a directory. `quant` quantizes the linear
+    layers to int8/int4 while loading (see qwen2.model.quant).
     """
     path = resolve(name)
     if path.is_file():
@@ -122,11 +124,11 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
             raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
         gguf_file = GGUFFile(path)  # parsed once, for the weights and the tokenizer
         tokenizer = load_tokenizer(gguf_file)
-        model = load_gguf_model(gguf_file, dtype=dtype or torch.float32, device=device)
+        model = load_gguf_model(gguf_file, dtype=dtype or torch.float32, device=device, quant=quant)
         pretrained = Pretrained(model, tokenizer, {}, str(path))
     else:
         tokenizer = load_tokenizer(path)
-        model = load_hf_model(path, dtype=dtype, device=device)
+        model = load_hf_model(path, dtype=dtype, device=device, quant=quant)
         pretrained = Pretrained(model, tokenizer, read_generation_config(path), str(path))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
@@ -134,13 +136,14 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
     return pretrained
 
 
-def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: torch.dtype | None = None,
+                    quant: QuantConfig | None = None) -> None:
     """Write a Hugging Face model directory (weights, config, tokenizer, generation_config) that
-    transformers and this package both load."""
+    transformers and this package both load (with `quant`: int8/int4 weights that this package loads)."""
     from qwen2.checkpoint.safetensors import save_hf_model
 
     directory = Path(directory)
-    save_hf_model(pretrained.model, directory, dtype=dtype)
+    save_hf_model(pretrained.model, directory, dtype=dtype, quant=quant)
     pretrained.tokenizer.save(directory)
     generation_config = dict(pretrained.generation_config)
     if not generation_config:

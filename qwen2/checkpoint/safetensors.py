@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qwen2.atomic import atomic_path, atomic_write_text
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
+from qwen2.model.quant import QuantConfig, quantize_weight, quantized_linear
 
 # Tensors some exporters write that are derived, not learned; skipping them is safe.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -34,15 +36,43 @@ def build_empty_model(config: Qwen2Config) -> Qwen2ForCausalLM:
         return Qwen2ForCausalLM(config)
 
 
+def _portable_shapes(out_features: int, in_features: int,
+                     quant: QuantConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Shape and dtype (None = any float) of each portable tensor of a quantized (out, in) layer."""
+    if quant.mode == "int8":
+        return {"qweight": ((out_features, in_features), torch.int8), "scales": ((out_features,), None)}
+    groups = (out_features, in_features // quant.group_size)
+    return {"qweight": ((out_features, in_features // 2), torch.uint8), "scales": (groups, None), "zeros": (groups, None)}
+
+
 def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.Tensor, str]], *,
-                   dtype: torch.dtype, device: torch.device | str) -> Qwen2ForCausalLM:
-    """Move (name, tensor, source file) triples into a meta-device model, checking names and shapes."""
+                   dtype: torch.dtype, device: torch.device | str, quant: QuantConfig | None = None,
+                   prequantized: bool = False) -> Qwen2ForCausalLM:
+    """Move (name, tensor, source file) triples into a meta-device model, checking names and shapes.
+
+    With `quant`, each linear weight it applies to is quantized the moment it arrives, so the
+    float copy of only one tensor exists at a time. `prequantized` checkpoints store those layers as
+    portable quantized tensors (`<layer>.qweight`, `.scales`, `.zeros`) instead of `<layer>.weight`.
+    """
     expected = {name: p.shape for name, p in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
+    targets = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and quant.applies_to(name)} \
+        if quant else set()
     loaded: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor, source in tensors:
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and not prequantized):
             continue  # a tied checkpoint may also store the head; the embedding is the one we keep
+        module, _, kind = name.rpartition(".")
+        if prequantized and module in targets and kind in ("qweight", "scales", "zeros"):
+            out_features, in_features = expected[f"{module}.weight"]
+            shapes = _portable_shapes(out_features, in_features, quant)
+            want_shape, want_dtype = shapes.get(kind, (None, None))
+            if want_shape is None or tuple(tensor.shape) != want_shape or (want_dtype and tensor.dtype != want_dtype):
+                raise CheckpointError(f"{source}: quantized tensor {name!r} has shape {tuple(tensor.shape)} "
+                                      f"and dtype {tensor.dtype}; expected {want_shape} {want_dtype or 'float'}")
+            quantized.setdefault(module, {})[kind] = tensor
+            continue
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} (not a Qwen2 parameter for this config)")
         if tuple(tensor.shape) != tuple(expected[name]):
@@ -50,14 +80,29 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
                                   f"expected {tuple(expected[name])} from config.json")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected floating point")
+        if module in targets and kind == "weight" and not prequantized:
+            quantized[module] = quantize_weight(tensor, quant)  # the float tensor is dropped right here
+            continue
         loaded[name] = tensor.to(device=device, dtype=dtype)
+    if quant:
+        needed = set(_portable_shapes(1, quant.group_size * 2, quant))
+        for module, pieces in quantized.items():
+            if set(pieces) != needed:
+                raise CheckpointError(f"checkpoint: quantized layer {module!r} lacks {sorted(needed - set(pieces))}")
+    # A tied head is never read from the file: it is the embedding (or quantized from it below).
     required = set(expected) - ({"lm_head.weight"} if tied else set())
-    missing = sorted(required - set(loaded))
+    missing = sorted(required - set(loaded) - {f"{m}.weight" for m in quantized})
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
+    if quant:
+        if tied and "lm_head" in targets and "lm_head" not in quantized:
+            quantized["lm_head"] = quantize_weight(model.model.embed_tokens.weight, quant)
+        for module, pieces in quantized.items():
+            bias = model.get_submodule(module).bias
+            model.set_submodule(module, quantized_linear(pieces, bias, quant, dtype).to(device))
     return model.eval()
 
 
@@ -104,22 +149,36 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, st
             raise CheckpointError(f"{path}: cannot read ({e})") from None
 
 
-def load_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str = "cpu") -> Qwen2ForCausalLM:
+def load_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                  quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
     """Load config.json and the safetensors weights of a Hugging Face model directory.
 
-    dtype None keeps the checkpoint's `torch_dtype` (bfloat16 for the official models).
+    dtype None keeps the checkpoint's `torch_dtype` (bfloat16 for the official models). `quant`
+    quantizes the linear layers while loading; a checkpoint saved quantized by qwen2 (its
+    config.json has our `quantization_config`) loads quantized as it was saved.
     """
     directory = Path(directory)
     config = Qwen2Config.from_json_file(directory / "config.json")
     if dtype is None:
-        dtype = getattr(torch, config.torch_dtype or "float32", torch.float32)
+        dtype = getattr(torch, config.torch_dtype) if config.torch_dtype not in (None, "auto") else torch.float32
+    stored = config.extra.get("quantization_config")
+    if stored is not None:
+        try:
+            saved_quant = QuantConfig.from_dict(stored)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{directory / 'config.json'}: unsupported quantization_config "
+                                  f"(only qwen2's own int8/int4 checkpoints load here): {e}") from None
+        if quant is not None and quant != saved_quant:
+            raise CheckpointError(f"{directory}: saved as {saved_quant.mode} (group {saved_quant.group_size}); "
+                                  f"cannot re-quantize it as {quant.mode}")
+        quant = saved_quant
     files = _weight_files(directory)
-    return assign_weights(build_empty_model(config), _iter_safetensors(files), dtype=dtype, device=device)
+    return assign_weights(build_empty_model(config), _iter_safetensors(files), dtype=dtype, device=device,
+                          quant=quant, prequantized=stored is not None)
 
 
 def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torch.dtype | None = None,
-                  max_shard_bytes: int = 4 << 30) -> None:
+                  max_shard_bytes: int = 4 << 30, quant: QuantConfig | None = None) -> None:
     """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
 
     Files are written to temporary names and renamed, so an interrupted save never leaves a
@@ -128,9 +187,17 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
+    if any(not isinstance(m, nn.Linear) for m in (model.lm_head, model.model.layers[0].mlp.up_proj)):
+        raise ValueError("save the float model and pass quant=...: runtime int4 weights are in a private layout")
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    if quant is not None:  # portable quantized tensors replace the float weights of the target layers
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and quant.applies_to(name):
+                state.pop(f"{name}.weight", None)
+                # scales and zeros stay float32: they are small, and rounding them would add error
+                state.update({f"{name}.{kind}": t for kind, t in quantize_weight(module.weight, quant).items()})
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -159,6 +226,9 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = Qwen2Config.from_dict(model.config.to_dict())
     config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.extra.pop("quantization_config", None)
+    if quant is not None:
+        config.extra["quantization_config"] = quant.to_dict()
     config.save(directory / "config.json")
 
 
