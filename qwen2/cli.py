@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="GGUF file, Hugging Face model directory, or hub id (default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: bfloat16 on CUDA, the checkpoint's own dtype on CPU)")
+                   help="compute dtype (auto: bfloat16 on CUDA or with --quantize, else the checkpoint's own dtype)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     _add_quant_args(p, required=False)

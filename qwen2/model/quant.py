@@ -58,23 +58,31 @@ class QuantConfig:
                    include_lm_head=bool(data.get("include_lm_head", True)))
 
 
-def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, config: QuantConfig, *, rows_per_chunk: int = 4096) -> dict[str, torch.Tensor]:
     """Portable quantized tensors for a float weight (out, in):
     int8 -> {"qweight": int8 (out, in), "scales": float32 (out,)};
-    int4 -> {"qweight": uint8 (out, in/2), "scales", "zeros": float32 (out, in/G)}."""
-    w = weight.detach().float()
-    out_features, in_features = w.shape
+    int4 -> {"qweight": uint8 (out, in/2), "scales", "zeros": float32 (out, in/G)}.
+
+    Works through `rows_per_chunk` output rows at a time, so quantizing the 151,936-row LM head
+    needs float temporaries of a few MB rather than several copies of the whole matrix.
+    """
+    out_features, in_features = weight.shape
+    if config.mode == "int4" and in_features % config.group_size:
+        raise ValueError(f"in_features {in_features} is not a multiple of the int4 group size {config.group_size}")
+    pieces = [_quantize_rows(weight[i:i + rows_per_chunk].detach().float(), config)
+              for i in range(0, out_features, rows_per_chunk)]
+    return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+
+
+def _quantize_rows(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
     if config.mode == "int8":
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return {"qweight": q, "scales": scales}
-    G = config.group_size
-    if in_features % G:
-        raise ValueError(f"in_features {in_features} is not a multiple of the int4 group size {G}")
-    w_OgG = w.view(out_features, in_features // G, G)
+        return {"qweight": torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), "scales": scales}
+    rows, G = w.shape[0], config.group_size
+    w_OgG = w.view(rows, -1, G)
     lo, hi = w_OgG.amin(-1), w_OgG.amax(-1)
     scales = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((w_OgG - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).view(out_features, -1)
+    q = torch.round((w_OgG - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).view(rows, -1)
     return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": lo}
 
 
