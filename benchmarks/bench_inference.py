@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--quantized", nargs="*", default=["int8", "int4"])
     args = parser.parse_args()
 
     import transformers
@@ -86,6 +87,29 @@ def main() -> None:
         del ours, hf
         gc.collect()
 
+    # Weight-only int8 / int4 (bf16 activations): qwen2 only; transformers has no CPU int4 path of its own.
+    from qwen2.model.quant import QuantConfig
+
+    quant_rows = []
+    for mode in args.quantized:
+        quantized = load_pretrained(path, quant=QuantConfig(mode)).model
+
+        def q_prefill():
+            with torch.inference_mode():
+                quantized(long_ids, logits_to_keep=1)
+
+        def q_decode():
+            for _ in generate_ids(quantized, [prompt], SamplingParams(max_new_tokens=n_new)):
+                pass
+
+        q_prefill(), q_decode()
+        prefill = args.prefill_tokens / statistics.median([timed(q_prefill) for _ in range(args.repeats)])
+        decode = n_new / statistics.median([timed(q_decode) for _ in range(args.repeats)])
+        print(f"{mode:9s} qwen2 prefill {prefill:8.1f} tokens/s, decode {decode:8.1f} tokens/s", flush=True)
+        quant_rows.append((mode, prefill, decode))
+        del quantized
+        gc.collect()
+
     print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}. "
           f"Load: qwen2 {load_ours:.1f} s, transformers {load_hf:.1f} s. Medians of {args.repeats}.\n")
@@ -97,6 +121,8 @@ def main() -> None:
         d_ours, d_hf = r["qwen2 decode"], r["transformers decode"]
         print(f"| {dtype_name} | {p_ours:.1f} | {p_hf:.1f} | {p_ours / p_hf:.2f}x "
               f"| {d_ours:.1f} | {d_hf:.1f} | {d_ours / d_hf:.2f}x |")
+    for mode, prefill, decode in quant_rows:
+        print(f"| {mode} weights, bf16 activations | {prefill:.1f} | — | — | {decode:.1f} | — | — |")
 
 
 if __name__ == "__main__":
