@@ -103,7 +103,9 @@ class Int8Linear(nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = tensors["qweight"].shape
-        self.register_buffer("qweight", tensors["qweight"].to(torch.int8).contiguous())
+        # Own, freshly allocated (64-byte aligned) memory: tensors from safetensors may be views into a
+        # file mapping at any offset, and the packed int8 kernel crashes on misaligned weights.
+        self.register_buffer("qweight", tensors["qweight"].to(torch.int8).clone(memory_format=torch.contiguous_format))
         self.register_buffer("scales", tensors["scales"].to(dtype).contiguous())
         self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
 
