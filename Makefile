@@ -31,8 +31,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not real" $(PYTEST_ARGS)
 
+# llama-cpp-python (the llama.cpp peer) is benchmark-only: it builds from source (~7 min on 2 cores).
 bench: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q llama-cpp-python
 	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_quant_quality.py
 	$(BIN)/python benchmarks/bench_tokenizer.py
 
 clean:

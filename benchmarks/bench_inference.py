@@ -23,6 +23,38 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def bench_llama_cpp(path, long_ids: list[int], prompt: list[int], n_new: int, repeats: int):
+    """(prefill tok/s, greedy decode tok/s) of llama.cpp on the same GGUF, 2 threads; None if not installed."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError:
+        print("llama-cpp-python not installed: no llama.cpp row (pip install llama-cpp-python)")
+        return None
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                          verbose=False, logits_all=False)
+    vocab = llama_cpp.llama_n_vocab(llama_cpp.llama_model_get_vocab(llm.model)) if hasattr(
+        llama_cpp, "llama_model_get_vocab") else llm.n_vocab()
+
+    def prefill():
+        llm.reset()
+        llm.eval(long_ids)
+
+    def decode():
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(n_new):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            llm.eval([int(logits.argmax())])
+
+    prefill(), decode()
+    p = len(long_ids) / statistics.median([timed(prefill) for _ in range(repeats)])
+    d = n_new / statistics.median([timed(decode) for _ in range(repeats)])
+    print(f"llama.cpp prefill {p:8.1f} tokens/s, decode {d:8.1f} tokens/s", flush=True)
+    return p, d
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -110,6 +142,8 @@ def main() -> None:
         del quantized
         gc.collect()
 
+    llama_row = bench_llama_cpp(path, long_ids[0].tolist(), prompt, n_new, args.repeats)
+
     print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}. "
           f"Load: qwen2 {load_ours:.1f} s, transformers {load_hf:.1f} s. Medians of {args.repeats}.\n")
@@ -123,6 +157,9 @@ def main() -> None:
               f"| {d_ours:.1f} | {d_hf:.1f} | {d_ours / d_hf:.2f}x |")
     for mode, prefill, decode in quant_rows:
         print(f"| {mode} weights, bf16 activations | {prefill:.1f} | — | — | {decode:.1f} | — | — |")
+    if llama_row:
+        print(f"| llama.cpp, GGUF as shipped (Q5_0/Q8_0/Q4_K/Q6_K) | {llama_row[0]:.1f} | — | — "
+              f"| {llama_row[1]:.1f} | — | — |")
 
 
 if __name__ == "__main__":
