@@ -10,7 +10,7 @@ import torch
 from qwen2.config import PRESETS
 from qwen2.model import KVCache
 from qwen2.tokenizer import Tokenizer
-from qwen2.tokenizer.vocab import BYTE_TO_UNICODE, PRETOKENIZE_REGEX
+from tokenizer_tiny import tiny_tokenizer_json
 
 BYTE_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -18,21 +18,7 @@ BYTE_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 @pytest.fixture(scope="session")
 def byte_tokenizer() -> Tokenizer:
     """Qwen2's pipeline with no merges: every byte is one token (ids 0-255), then the 3 control tokens."""
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    tokenizer_json = {
-        "version": "1.0",
-        "added_tokens": [{"id": 256 + i, "content": c, "special": True, "lstrip": False, "rstrip": False,
-                          "normalized": False, "single_word": False} for i, c in enumerate(BYTE_ADDED)],
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
-            byte_level]},
-        "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "vocab": {BYTE_TO_UNICODE[b]: b for b in range(256)}, "merges": []},
-    }
+    tokenizer_json = tiny_tokenizer_json(words=[], added=[(content, True) for content in BYTE_ADDED])
     return Tokenizer.from_tokenizer_json(tokenizer_json, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
 
 
