@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qwen2 generate --dtype bfloat16 --max-new-tokens 300 "Write a Python function is_prime(n) that checks whether n is prime."
+	$(BIN)/qwen2 generate --dtype bfloat16 --max-new-tokens 512 "Write a Python function is_prime(n) that checks whether n is prime."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
