@@ -267,7 +267,16 @@ class GGUFFile:
                 raise CheckpointError(f"{self.path}: tensor {t.name!r} uses unsupported type {qtype.name}") from None
             if not array.flags.writeable or array.dtype != np.float32:
                 array = array.astype(np.float32)  # float tensors come back as read-only views of the mapping
+            del raw
             yield name, torch.from_numpy(array), f"{self.path} ({t.name})"
+            self._release(t)
+
+    def _release(self, t: TensorInfo) -> None:
+        """Drop the file pages of a tensor we are done with from our resident memory (they are
+        re-read on demand): otherwise the whole 0.5 GB file stays counted in RSS while loading."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            start = t.offset - t.offset % mmap.PAGESIZE
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
 
 
 def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch.float32,
