@@ -118,6 +118,8 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
     `torch_dtype` (bfloat16 for official checkpoints) for a directory. `quant` quantizes the linear
     layers to int8/int4 while loading (see qwen2.model.quant); activations then default to bfloat16.
     """
+    if quant is not None and quant.mode == "int4" and torch.device(device).type != "cpu":
+        raise ValueError(f"int4 weights use PyTorch's CPU kernel layout; on {device} use --quantize int8 or none")
     path = resolve(name)
     if quant is not None and dtype is None:
         # PyTorch's int8/int4 CPU kernels are fast with bfloat16 activations and ~10x slower in float32.
