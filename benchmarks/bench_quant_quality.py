@@ -29,14 +29,17 @@ def main() -> None:
     text = "\n\n".join(Path("/usr/share/common-licenses", name).read_text(encoding="utf-8") for name in HELD_OUT)
     runs = [("bf16 (reference)", None), ("int8 weights", QuantConfig("int8")),
             ("int4 weights, group 32", QuantConfig("int4", group_size=32)),
-            ("int4 weights, group 128", QuantConfig("int4", group_size=128))]
+            ("int4 weights, group 128", QuantConfig("int4", group_size=128)),
+            ("bf16 weights, bf16 KV cache (chunks of 64 through the cache)", "cache-auto"),
+            ("bf16 weights, int8 KV cache (chunks of 64 through the cache)", "cache-int8")]
     results = {}
     token_ids = None
     for label, quant in runs:
-        pretrained = load_pretrained(None, dtype=torch.bfloat16, quant=quant)
+        kv = quant.removeprefix("cache-") if isinstance(quant, str) else None
+        pretrained = load_pretrained(None, dtype=torch.bfloat16, quant=None if kv else quant)
         token_ids = token_ids or pretrained.tokenizer.encode(text)
         results[label] = perplexity(pretrained.model, token_ids, seq_len=args.seq_len, max_windows=args.windows,
-                                    progress=True)
+                                    progress=True, kv_cache_dtype=kv)
         print(f"{label}: ppl {results[label].perplexity:.4f}", flush=True)
         del pretrained
     reference = results[runs[0][0]]

@@ -50,6 +50,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache storage: the compute dtype, or int8 (about half the memory)")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -91,11 +93,12 @@ def _sampling(args: argparse.Namespace, generation_config: dict) -> Any:
         stop=args.stop)
 
 
-def _stream_reply(pretrained: Any, prompt_ids: list[int], params: Any) -> str:
+def _stream_reply(pretrained: Any, prompt_ids: list[int], params: Any, kv_cache_dtype: str = "auto") -> str:
     """Print a completion as it is generated, then a one-line speed summary on stderr."""
     from qwen2.inference import TextStream
 
-    stream = TextStream(pretrained.model, pretrained.tokenizer, prompt_ids, params, stop_ids=pretrained.stop_ids)
+    stream = TextStream(pretrained.model, pretrained.tokenizer, prompt_ids, params, stop_ids=pretrained.stop_ids,
+                        kv_cache_dtype=kv_cache_dtype)
     for chunk in stream:
         sys.stdout.write(chunk)
         sys.stdout.flush()
@@ -127,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         messages = _messages(args.system, [{"role": "user", "content": args.prompt}])
         prompt_ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
-    _stream_reply(pretrained, prompt_ids, params)
+    _stream_reply(pretrained, prompt_ids, params, args.kv_cache_dtype)
     return 0
 
 
@@ -144,7 +147,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise ValueError("stdin is empty: nothing to answer")
         history.append({"role": "user", "content": text})
         _stream_reply(pretrained, encode_chat(pretrained.tokenizer, _messages(args.system, history),
-                                              add_generation_prompt=True), params)
+                                              add_generation_prompt=True), params, args.kv_cache_dtype)
         return 0
     print("chat with the model; /reset clears the history, /exit or Ctrl-D leaves", file=sys.stderr)
     while True:
@@ -163,7 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         prompt_ids = encode_chat(pretrained.tokenizer, _messages(args.system, history), add_generation_prompt=True)
         try:
-            reply = _stream_reply(pretrained, prompt_ids, params)
+            reply = _stream_reply(pretrained, prompt_ids, params, args.kv_cache_dtype)
         except ContextLengthError as e:
             history.pop()  # keep the session: the user can /reset or ask something shorter
             print(f"error: {e}; type /reset to clear the history", file=sys.stderr)

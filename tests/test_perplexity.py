@@ -44,3 +44,12 @@ def test_too_short_inputs(model):
         perplexity(model, [5])
     with pytest.raises(ValueError, match="seq_len"):
         perplexity(model, [1, 2, 3], seq_len=1)
+
+
+def test_cached_evaluation_equals_plain_forward(model):
+    ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(1)).tolist()
+    plain = perplexity(model, ids, seq_len=50)
+    cached = perplexity(model, ids, seq_len=50, kv_cache_dtype="auto", chunk=16)
+    assert cached.perplexity == pytest.approx(plain.perplexity, rel=1e-5)
+    int8 = perplexity(model, ids, seq_len=50, kv_cache_dtype="int8", chunk=16)
+    assert int8.perplexity == pytest.approx(plain.perplexity, rel=0.01)

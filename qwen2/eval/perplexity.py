@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from qwen2.model import KVCache
+
 
 @dataclass
 class PerplexityResult:
@@ -25,7 +27,10 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, token_ids: list[int], *, seq_len: int = 512, max_windows: int | None = None,
-               progress: bool = False) -> PerplexityResult:
+               progress: bool = False, kv_cache_dtype: str | None = None, chunk: int = 64) -> PerplexityResult:
+    """With `kv_cache_dtype` ("auto" or "int8"), each window is fed through a KV cache in chunks of
+    `chunk` tokens, so attention reads keys and values back from the cache (how a quantized cache
+    is evaluated); without it, each window is one plain forward."""
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2")
     ids = torch.tensor(token_ids, dtype=torch.long)
@@ -35,7 +40,14 @@ def perplexity(model: torch.nn.Module, token_ids: list[int], *, seq_len: int = 5
         raise ValueError(f"need at least 2 tokens, got {len(token_ids)}")
     total_nll, total_tokens, greedy = 0.0, 0, []
     for window in tqdm(windows, desc="perplexity", disable=not progress):
-        logits = model(window[None].to(model.device))[0, :-1].float()
+        if kv_cache_dtype is None:
+            logits = model(window[None].to(model.device))[0, :-1].float()
+        else:
+            cache = KVCache.allocate(model.config, batch_size=1, max_seq_len=len(window), dtype=model.dtype,
+                                     device=model.device, kv_cache_dtype=kv_cache_dtype)
+            pieces = [model(window[None, i:i + chunk].to(model.device), kv_cache=cache)[0]
+                      for i in range(0, len(window), chunk)]
+            logits = torch.cat(pieces)[:-1].float()
         targets = window[1:].to(logits.device)
         total_nll += F.cross_entropy(logits, targets, reduction="sum").item()
         total_tokens += len(targets)

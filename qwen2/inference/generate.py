@@ -37,7 +37,8 @@ def check_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
 @torch.inference_mode()
 def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: SamplingParams, *,
                  stop_ids: set[int] | frozenset[int] = frozenset(), pad_id: int = 0,
-                 num_valid_tokens: int | None = None, done: list[bool] | None = None) -> Iterator[list[int | None]]:
+                 num_valid_tokens: int | None = None, done: list[bool] | None = None,
+                 kv_cache_dtype: str = "auto") -> Iterator[list[int | None]]:
     """Yield, for each decode step, the new token of every row (None for rows that have finished).
 
     A row finishes when it samples a stop id (that id is still yielded), reaches
@@ -45,7 +46,8 @@ def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: Samp
     flags: the caller may set an entry to end a row early (e.g. a stop string matched); this
     function sets it when a row finishes.
     `num_valid_tokens` (the tokenizer's vocabulary size) keeps the padding rows of the embedding
-    (ids 151665..151935 in Qwen2.5) from ever being sampled.
+    (ids 151665..151935 in Qwen2.5) from ever being sampled. `kv_cache_dtype="int8"` stores the
+    cache quantized (about half the memory of bf16).
     """
     B = len(prompts)
     if B == 0:
@@ -77,7 +79,8 @@ def generate_ids(model: Qwen2ForCausalLM, prompts: list[list[int]], params: Samp
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    cache = KVCache.allocate(model.config, batch_size=B, max_seq_len=max_seq_len, dtype=model.dtype, device=device)
+    cache = KVCache.allocate(model.config, batch_size=B, max_seq_len=max_seq_len, dtype=model.dtype, device=device,
+                             kv_cache_dtype=kv_cache_dtype)
     logits_BV = model(ids_BT, attention_mask_BS=mask_BS[:, :longest] if padded else None,
                       kv_cache=cache, logits_to_keep=1)[:, -1]
     for step in range(max_new):
@@ -116,6 +119,7 @@ class TextStream:
     prompt_ids: list[int]
     params: SamplingParams
     stop_ids: frozenset[int] | None = None  # default: the tokenizer's stop ids + config.json's eos ids
+    kv_cache_dtype: str = "auto"
     completion_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once finished
     text: str = ""
@@ -137,7 +141,8 @@ class TextStream:
         self.finish_reason = "length"
         for (token,) in generate_ids(self.model, [self.prompt_ids], self.params, stop_ids=stop_ids,
                                      pad_id=self.tokenizer.pad_token_id or 0,
-                                     num_valid_tokens=self.tokenizer.vocab_size):
+                                     num_valid_tokens=self.tokenizer.vocab_size,
+                                     kv_cache_dtype=self.kv_cache_dtype):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             if token in stop_ids:

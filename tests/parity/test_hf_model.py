@@ -102,3 +102,26 @@ def test_bfloat16_logits_track_transformers():
         a, b = ours(ids).float(), theirs(ids).logits.float()
     # bf16 keeps ~3 significant digits; both round at the same points, so they agree to bf16 precision.
     torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_int8_kv_cache_decoding_stays_close_to_full_forward():
+    ours, _ = make_pair("tiny")
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(7))
+    cache = KVCache.allocate(ours.config, batch_size=2, max_seq_len=32, kv_cache_dtype="int8")
+    with torch.no_grad():
+        full = ours(ids)
+        steps = [ours(ids[:, :20], kv_cache=cache)] + [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(20, 30)]
+    got = torch.cat(steps, dim=1)
+    # the prefill's own keys are quantized too, so every position carries int8 rounding
+    assert ((got - full).norm() / full.norm()) < 0.01
+    assert not torch.equal(got, full)  # it really is the quantized path
+    assert cache.k_LBKSC.dtype == torch.int8
+
+
+def test_int8_kv_cache_halves_the_bytes_per_token():
+    config = PRESETS["qwen2.5-0.5b"]
+    bf16 = KVCache.allocate(config, batch_size=1, max_seq_len=1, dtype=torch.bfloat16)
+    int8 = KVCache.allocate(config, batch_size=1, max_seq_len=1, dtype=torch.bfloat16, kv_cache_dtype="int8")
+    assert bf16.bytes_per_token() == 2 * 24 * 2 * 64 * 2 == 12288  # the report's 12 KiB per token
+    # int8 keys and values, plus a bf16 scale per 16 value channels (key scales are per channel, not per token)
+    assert int8.bytes_per_token() == 24 * 2 * (2 * 64 + 4 * 2)

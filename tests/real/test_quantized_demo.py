@@ -59,3 +59,13 @@ def test_quantize_command_round_trip(demo_path, int8, tmp_path):
     ids = torch.tensor([chat_ids(int8.tokenizer, "Hello")])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids), int8.model(ids))
+
+
+def test_int8_kv_cache_perplexity_within_1_percent(demo, held_out_ids):
+    model = demo.model.to(torch.bfloat16)
+    try:
+        ref = perplexity(model, held_out_ids, seq_len=512, max_windows=6, kv_cache_dtype="auto").perplexity
+        int8 = perplexity(model, held_out_ids, seq_len=512, max_windows=6, kv_cache_dtype="int8").perplexity
+    finally:
+        demo.model.to(torch.float32)
+    assert abs(int8 / ref - 1) < 0.01, (int8, ref)
