@@ -33,7 +33,7 @@ class KVCache:
     k_LBKSC: torch.Tensor
     v_LBKSC: torch.Tensor
     length: int = 0
-    # int8 caches only: per-vector scales, and the dtype attention computes in
+    # int8 caches only: the scales, and the dtype attention computes in
     k_scale_LBKC: torch.Tensor | None = None  # keys: one float32 scale per channel
     v_scale_LBKSg: torch.Tensor | None = None  # values: g = C / KV_GROUP scales per vector
     compute_dtype: torch.dtype | None = None
