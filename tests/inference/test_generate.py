@@ -177,3 +177,11 @@ def test_repetition_penalty_counts_prompt_tokens_equal_to_the_pad_id():
     params = SamplingParams(max_new_tokens=1, repetition_penalty=1e6)
     rows = run(ScriptedModel([42], baseline=1.0), [[42, 9], [5, 6, 8, 9]], params, pad_id=42)
     assert rows[0][0] != 42 and rows[1][0] == 42
+
+
+def test_int8_kv_cache_generation_follows_the_float_cache(model):
+    prompt = [5, 17, 300, 42, 8]
+    params = SamplingParams(max_new_tokens=10)
+    assert run(model, [prompt], params, kv_cache_dtype="int8") == run(model, [prompt], params)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        run(model, [prompt], params, kv_cache_dtype="fp4")
