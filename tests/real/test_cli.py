@@ -20,8 +20,9 @@ def qwen2_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "qwen2", *args]
 
 
-def test_one_shot_chat_from_stdin(demo_path):
-    result = subprocess.run(qwen2_cmd("chat", "--model", str(demo_path), "--max-new-tokens", "20"),
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8", "--kv-cache-dtype", "int8"]])
+def test_one_shot_chat_from_stdin(demo_path, extra):
+    result = subprocess.run(qwen2_cmd("chat", "--model", str(demo_path), "--max-new-tokens", "20", *extra),
                             input="What is 2 + 3? Reply with only the number.", capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
