@@ -26,8 +26,6 @@ class ContextLengthError(ValueError):
 
 def check_context(prompt_len: int, max_new_tokens: int, context: int) -> int:
     """Cache length to allocate; raises ContextLengthError if the prompt alone does not fit."""
-    if prompt_len == 0:
-        raise ValueError("the prompt is empty")
     if prompt_len >= context:
         raise ContextLengthError(f"the prompt has {prompt_len} tokens; the model's context is {context} tokens "
                                  f"(leave room for at least one new token)")
