@@ -12,6 +12,7 @@ from torch import nn
 
 from qwen2.config import Qwen2Config
 from qwen2.model.kv_cache import KVCache
+from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import apply_rope
 
 
@@ -31,7 +32,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * C, D, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
-                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, K, C = self.num_heads, self.num_kv_heads, self.head_dim
         q_BHTC = self.q_proj(x_BTD).view(B, T, H, C).transpose(1, 2)

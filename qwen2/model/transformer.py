@@ -16,6 +16,7 @@ from qwen2.config import Qwen2Config
 from qwen2.model.attention import Attention
 from qwen2.model.kv_cache import KVCache
 from qwen2.model.mlp import MLP
+from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import rope_cos_sin, rope_parameters
 
 
@@ -42,38 +43,43 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
-                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
+                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None) -> torch.Tensor:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTC, sin_BTC,
                                        mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD
 
 
-def attention_mask(*, past: int, num_new: int, key_valid_BS: torch.Tensor | None,
+def attention_mask(*, past: int | torch.Tensor, num_new: int, key_valid_BS: torch.Tensor | None,
                    sliding_window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """Boolean SDPA mask (True = may attend) of shape (B|1, 1, T, S), or None plus an is_causal flag.
 
-    Query t sits at absolute slot past + t and may see slot j if j <= past + t, the key is not
-    padding, and (sliding layers) past + t - j < window. A query always sees itself, so a padding
-    query never has an empty row (which would give NaN); real queries are unaffected because
-    their own slot is valid. Returns (None, ...) when SDPA's built-in causal path is exact.
+    `past` is the number of cached slots before the new tokens: one int for the whole batch (static
+    cache), or a (B,) tensor when rows differ (paged cache, where S = max(past) + T and a shorter
+    row's extra slots are empty). Query t of row b sits at slot past_b + t and may see slot j if
+    j <= past_b + t, the key is not padding, and (sliding layers) past_b + t - j < window. A query
+    always sees itself, so a padding query never has an empty row (which would give NaN); real
+    queries are unaffected because their own slot is valid. Returns (None, ...) when SDPA's
+    built-in causal path is exact.
     """
-    S = past + num_new
+    per_row = isinstance(past, torch.Tensor)
+    S = (int(past.max()) if per_row else past) + num_new
     window_matters = sliding_window is not None and S > sliding_window
-    if key_valid_BS is None and not window_matters:
+    if key_valid_BS is None and not window_matters and not per_row:
         if num_new == 1:
             return None, False  # one query sees every cached key
         if past == 0:
             return None, True
-    query_pos_T1 = torch.arange(past, S, device=device)[:, None]
-    key_pos_1S = torch.arange(S, device=device)[None, :]
-    allowed_TS = key_pos_1S <= query_pos_T1
+    past_B11 = past.to(device)[:, None, None] if per_row else torch.tensor(past, device=device).view(1, 1, 1)
+    query_pos_BT1 = past_B11 + torch.arange(num_new, device=device)[None, :, None]
+    key_pos_11S = torch.arange(S, device=device)[None, None, :]
+    allowed_BTS = key_pos_11S <= query_pos_BT1
     if window_matters:
-        allowed_TS = allowed_TS & (query_pos_T1 - key_pos_1S < sliding_window)
-    mask_B1TS = allowed_TS[None, None]
+        allowed_BTS = allowed_BTS & (query_pos_BT1 - key_pos_11S < sliding_window)
+    mask_B1TS = allowed_BTS[:, None]
     if key_valid_BS is not None:
         mask_B1TS = mask_B1TS & key_valid_BS[:, None, None, :S].bool()
-        mask_B1TS = mask_B1TS | (key_pos_1S == query_pos_T1)[None, None]
+        mask_B1TS = mask_B1TS | (key_pos_11S == query_pos_BT1)[:, None]
     return mask_B1TS, False
 
 
@@ -89,7 +95,8 @@ class Qwen2Model(nn.Module):
         self.inv_freq, self.attention_scaling = rope_parameters(config)
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
-                attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                attention_mask_BS: torch.Tensor | None = None,
+                kv_cache: KVCache | PagedBatch | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D).
 
         attention_mask_BS: 1 for real tokens, 0 for padding, covering cached + new positions
@@ -97,8 +104,13 @@ class Qwen2Model(nn.Module):
         its own real tokens (left padding); otherwise past + arange(T).
         """
         B, T = input_ids_BT.shape
-        past = kv_cache.length if kv_cache is not None else 0
         device = input_ids_BT.device
+        if isinstance(kv_cache, PagedBatch):
+            if attention_mask_BS is not None:
+                raise ValueError("a paged batch has no padding: pass no attention_mask")
+            past, positions_BT = kv_cache.past, kv_cache.positions_BT.to(device)
+        else:
+            past = kv_cache.length if kv_cache is not None else 0
         if attention_mask_BS is not None:
             if attention_mask_BS.shape != (B, past + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}, expected {(B, past + T)}")
@@ -143,7 +155,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
-                attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | PagedBatch | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, T, V), or (B, logits_to_keep, V) for the last positions only (0 = all).
 
