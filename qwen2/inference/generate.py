@@ -17,7 +17,8 @@ import torch
 
 from qwen2.inference.sampling import SamplingParams, sample_next_token
 from qwen2.model import KVCache, Qwen2ForCausalLM
-from qwen2.tokenizer import StreamDecoder, Tokenizer
+from qwen2.inference.detokenize import TextAssembler
+from qwen2.tokenizer import Tokenizer
 
 
 class ContextLengthError(ValueError):
@@ -132,10 +133,7 @@ class TextStream:
         stop_ids = self.stop_ids
         if stop_ids is None:
             stop_ids = frozenset(self.tokenizer.stop_ids) | set(self.model.config.eos_token_ids)
-        decoder = StreamDecoder(self.tokenizer, skip_special=True)
-        hold = max((len(s) for s in self.params.stop), default=1) - 1
-        pending = ""  # decoded text not yet emitted
-        stopped_by_string = False
+        assembler = TextAssembler(self.tokenizer, self.params.stop)
         self.finish_reason = "length"
         for (token,) in generate_ids(self.model, [self.prompt_ids], self.params, stop_ids=stop_ids,
                                      pad_id=self.tokenizer.pad_token_id or 0,
@@ -147,29 +145,19 @@ class TextStream:
                 self.finish_reason = "stop"
                 break
             self.completion_ids.append(token)
-            pending += decoder.push(token)
-            cut = _first_stop(pending, self.params.stop)
-            if cut is not None:
-                pending, stopped_by_string, self.finish_reason = pending[:cut], True, "stop"
-                break
-            if len(pending) > hold:
-                chunk, pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
+            chunk = assembler.push(token)
+            if chunk:
                 self.text += chunk
                 yield chunk
-        if not stopped_by_string:
-            pending += decoder.flush()
-            cut = _first_stop(pending, self.params.stop)
-            if cut is not None:
-                pending, self.finish_reason = pending[:cut], "stop"
+            if assembler.stopped:
+                break
+        chunk = assembler.finish()
+        if assembler.stopped:
+            self.finish_reason = "stop"
         self.finished_at = time.perf_counter()
-        if pending:
-            self.text += pending
-            yield pending
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+        if chunk:
+            self.text += chunk
+            yield chunk
 
 
 def generate_text(model: Qwen2ForCausalLM, tokenizer: Tokenizer, prompt_ids: list[int],
