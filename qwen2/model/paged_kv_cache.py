@@ -117,9 +117,9 @@ class BlockPool:
             self._block_of[block_hash] = block
             self._hash_of[block] = block_hash
 
-    def clear_cache(self) -> None:
-        """Forget every unused named block (they become plain free blocks)."""
-        while self._evictable:
+    def evict_cached(self, keep: int = 0) -> None:
+        """Forget unused named blocks, least recently used first, until at most `keep` remain."""
+        while len(self._evictable) > keep:
             block, _ = self._evictable.popitem(last=False)
             del self._block_of[self._hash_of.pop(block)]
             self._free.append(block)
