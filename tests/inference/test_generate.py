@@ -107,7 +107,7 @@ def test_padding_rows_of_the_embedding_are_never_sampled(model):
 
 # ---- TextStream: text, UTF-8 boundaries, stop strings, finish reasons (scripted model) ----
 
-from conftest import ScriptedModel  # noqa: E402
+from stand_ins import ScriptedModel  # noqa: E402
 
 from qwen2.inference import TextStream  # noqa: E402
 
