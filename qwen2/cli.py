@@ -205,6 +205,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qwen2.inference.engine import Engine, EngineConfig
+    from qwen2.serve import ServerConfig, create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (got {args.port})")
+    engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                 kv_cache_tokens=args.kv_cache_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                                 prefill_chunk=args.prefill_chunk, prefix_caching=not args.no_prefix_caching)
+    pretrained = _load(args)
+    api_key = args.api_key or os.environ.get("QWEN2_API_KEY") or None
+    name = args.served_model_name or (pretrained.source.rsplit("/", 1)[-1] if pretrained.source else "qwen2")
+    with Engine(pretrained.model, pretrained.tokenizer, engine_config, stop_ids=pretrained.stop_ids) as engine:
+        app = create_app(pretrained, engine, ServerConfig(model_name=name, api_key=api_key))
+        stats = engine.stats()
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (batch {engine_config.max_batch_size}, "
+              f"KV cache {stats['kv_tokens_capacity']} tokens x {stats['kv_bytes_per_token']} bytes, "
+              f"API key {'required' if api_key else 'off'})", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -220,6 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $QWEN2_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the file name)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache storage: the compute dtype, or int8 (about half the memory)")
+    p.add_argument("--kv-cache-tokens", type=int, default=65536,
+                   help="paged KV cache size in tokens (memory is used only by tokens in flight)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert a GGUF / HF directory / hub id into a Hugging Face directory")
     p.add_argument("src")
