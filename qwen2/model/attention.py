@@ -44,10 +44,27 @@ class Attention(nn.Module):
             k_BKSC, v_BKSC = kv_cache.update(self.layer_idx, k_BKTC, v_BKTC)
         else:
             k_BKSC, v_BKSC = k_BKTC, v_BKTC
-        # Query head h reads kv head h // (H / K), as transformers' repeat_kv does; SDPA's
-        # enable_gqa does the same grouping without materialising the repeated keys.
-        out_BHTC = F.scaled_dot_product_attention(
-            q_BHTC, k_BKSC, v_BKSC, attn_mask=mask_B1TS, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != K,
-        )
+        # Query head h reads kv head h // (H / K), as transformers' repeat_kv does.
+        if T == 1 and not self.training:
+            out_BHTC = decode_attention(q_BHTC, k_BKSC, v_BKSC, mask_B1TS)
+        else:  # SDPA's enable_gqa does the grouping without materialising the repeated keys
+            out_BHTC = F.scaled_dot_product_attention(
+                q_BHTC, k_BKSC, v_BKSC, attn_mask=mask_B1TS, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != K,
+            )
         return self.o_proj(out_BHTC.transpose(1, 2).reshape(B, T, H * C))
+
+
+def decode_attention(q_BH1C: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor,
+                     mask_B11S: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new query per row, as two batched matmuls over the G = H / K query heads
+    that share a kv head: (B, K, G, C) @ (B, K, C, S). Same result as SDPA; on CPU, SDPA's bf16
+    kernel is built for long query blocks and spends about 10x longer on a single query (measured
+    3.4 ms vs 0.24 ms for 16 rows x 190 keys), which was a third of a batched decode step."""
+    B, H, _, C = q_BH1C.shape
+    K, S = k_BKSC.shape[1], k_BKSC.shape[2]
+    scores_BKGS = (q_BH1C.view(B, K, H // K, C) @ k_BKSC.transpose(-1, -2)).float() * C ** -0.5
+    if mask_B11S is not None:
+        scores_BKGS = scores_BKGS.masked_fill(~mask_B11S.view(mask_B11S.shape[0], 1, 1, S), -torch.inf)
+    probs_BKGS = scores_BKGS.softmax(-1).to(v_BKSC.dtype)
+    return (probs_BKGS @ v_BKSC).view(B, H, 1, C)
