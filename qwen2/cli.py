@@ -192,16 +192,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from qwen2.checkpoint import load_pretrained, save_pretrained
+    from qwen2.model.gptq import GPTQConfig
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     started = time.perf_counter()
-    pretrained = load_pretrained(args.src, dtype=dtype)
-    quant = _quant_config(args)
-    save_pretrained(pretrained, args.dst, quant=quant, dtype=dtype or torch.bfloat16)
-    print(f"wrote {args.dst} ({quant.mode} weights) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    # Calibrated int4 by default (round to nearest loses 15% perplexity at int4); int8 needs no calibration.
+    method = args.method or ("gptq" if args.quantize == "int4" else "rtn")
+    quant = dataclasses.replace(_quant_config(args), method=method)
+    given = {"num_samples": args.calibration_samples, "int8_budget": args.int8_budget,
+             "calibration_files": tuple(args.calibration) if args.calibration else None}
+    given = {k: v for k, v in given.items() if v is not None}  # the rest: GPTQConfig's defaults
+    if method == "rtn" and given:
+        raise ValueError("--calibration, --calibration-samples and --int8-budget apply to --method gptq only")
+    calibration = GPTQConfig(**given)
+    pretrained = load_pretrained(args.src, dtype=dtype)  # float weights: GPTQ rounds the checkpoint's own values
+    stored = save_pretrained(pretrained, args.dst, quant=quant, dtype=dtype or torch.bfloat16,
+                             calibration=calibration, progress=True)
+    print(f"wrote {args.dst} ({stored.describe()} weights) in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
     return 0
 
 
@@ -275,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the tensors left in float (embedding, norms, biases, scales); auto = bfloat16")
     _add_quant_args(p, required=True)
+    p.add_argument("--method", choices=["gptq", "rtn"], default=None,
+                   help="gptq: calibrated on text (minutes; default for int4); rtn: round to nearest (default for int8)")
+    p.add_argument("--calibration", nargs="+", metavar="FILE", default=None,
+                   help="GPTQ calibration text files (default: Python's standard library and reference docs)")
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="GPTQ calibration sequences of 512 tokens (default 128)")
+    p.add_argument("--int8-budget", type=float, default=None,
+                   help="GPTQ int4: share of the quantized parameters that may stay int8, chosen by measured error")
     p.set_defaults(func=cmd_quantize)
     return parser
 

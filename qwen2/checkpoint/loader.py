@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,8 +19,11 @@ from qwen2.atomic import atomic_write_text
 from qwen2.checkpoint.gguf import GGUFFile, load_gguf_model
 from qwen2.checkpoint.safetensors import CheckpointError, load_hf_model
 from qwen2.model import Qwen2ForCausalLM
-from qwen2.model.quant import QuantConfig
+from qwen2.model.quant import QuantConfig, quantize_
 from qwen2.tokenizer import Tokenizer, tokenizer_json_from_gguf
+
+if TYPE_CHECKING:  # gptq is imported only when calibrating
+    from qwen2.model.gptq import GPTQConfig, GPTQResult
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja"]
@@ -110,20 +113,44 @@ def read_generation_config(directory: Path) -> dict[str, Any]:
     return data
 
 
+def calibrate(pretrained: Pretrained, quant: QuantConfig, calibration: GPTQConfig | None = None, *,
+              progress: bool = False) -> GPTQResult:
+    """GPTQ tensors for `pretrained`'s float model (read, not modified), calibrated on the default
+    text (qwen2.model.gptq.default_calibration_sources) or on `calibration.calibration_files`."""
+    from qwen2.model.gptq import GPTQConfig, calibration_ids, gptq_quantize_model
+
+    calibration = calibration or GPTQConfig()
+    if not isinstance(pretrained.model.lm_head, torch.nn.Linear) or \
+            not isinstance(pretrained.model.model.layers[0].mlp.down_proj, torch.nn.Linear):
+        raise CheckpointError(f"{pretrained.source}: the model is already quantized; GPTQ needs float weights")
+    ids_NT = calibration_ids(pretrained.tokenizer.encode, num_samples=calibration.num_samples,
+                             seq_len=calibration.seq_len, files=calibration.calibration_files or None,
+                             seed=calibration.seed)
+    return gptq_quantize_model(pretrained.model, ids_NT, quant, calibration, progress=progress)
+
+
 def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu", quant: QuantConfig | None = None) -> Pretrained:
+                    device: torch.device | str = "cpu", quant: QuantConfig | None = None,
+                    calibration: GPTQConfig | None = None) -> Pretrained:
     """Model, tokenizer and generation defaults for `name` (see the module docstring).
 
     dtype None keeps the checkpoint's dtype: float32 for a dequantized GGUF, the config's
     `torch_dtype` (bfloat16 for official checkpoints) for a directory. `quant` quantizes the linear
     layers to int8/int4 while loading (see qwen2.model.quant); activations then default to bfloat16.
+    With `quant.method == "gptq"` the float model is loaded whole and calibrated first (minutes on a
+    CPU; `calibration` tunes it): save the result once with save_pretrained and load that instead.
     """
     if quant is not None and quant.mode == "int4" and torch.device(device).type != "cpu":
         raise ValueError(f"int4 weights use PyTorch's CPU kernel layout; on {device} use --quantize int8 or none")
-    path = resolve(name)
     if quant is not None and dtype is None:
         # PyTorch's int8/int4 CPU kernels are fast with bfloat16 activations and ~10x slower in float32.
         dtype = torch.bfloat16
+    if quant is not None and quant.method == "gptq":
+        pretrained = load_pretrained(name, dtype=torch.float32, device=device)  # GPTQ rounds float32 weights
+        result = calibrate(pretrained, quant, calibration)
+        quantize_(pretrained.model.to(dtype), result.config, result.tensors)
+        return pretrained
+    path = resolve(name)
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
@@ -142,13 +169,20 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
 
 
 def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: torch.dtype | None = None,
-                    quant: QuantConfig | None = None) -> None:
+                    quant: QuantConfig | None = None, calibration: GPTQConfig | None = None,
+                    progress: bool = False) -> QuantConfig | None:
     """Write a Hugging Face model directory (weights, config, tokenizer, generation_config) that
-    transformers and this package both load (with `quant`: int8/int4 weights that this package loads)."""
+    transformers and this package both load (with `quant`: int8/int4 weights that this package loads;
+    `quant.method == "gptq"` calibrates first, see `calibrate`). Returns the QuantConfig stored
+    (GPTQ with an int8 budget fills in which layers it kept at int8)."""
     from qwen2.checkpoint.safetensors import save_hf_model
 
     directory = Path(directory)
-    save_hf_model(pretrained.model, directory, dtype=dtype, quant=quant)
+    tensors = None
+    if quant is not None and quant.method == "gptq":
+        result = calibrate(pretrained, quant, calibration, progress=progress)
+        quant, tensors = result.config, result.tensors
+    save_hf_model(pretrained.model, directory, dtype=dtype, quant=quant, quantized=tensors)
     pretrained.tokenizer.save(directory)
     generation_config = dict(pretrained.generation_config)
     if not generation_config:
@@ -157,3 +191,4 @@ def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: tor
                              "pad_token_id": pretrained.tokenizer.pad_token_id,
                              "eos_token_id": sorted(pretrained.tokenizer.stop_ids)}
     atomic_write_text(directory / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
+    return quant

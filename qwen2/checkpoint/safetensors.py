@@ -7,6 +7,7 @@ Pickle checkpoints (`pytorch_model.bin`) are refused: loading them can run arbit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator
@@ -52,8 +53,12 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
 
     With `quant`, each linear weight it applies to is quantized the moment it arrives, so the
     float copy of only one tensor exists at a time. `prequantized` checkpoints store those layers as
-    portable quantized tensors (`<layer>.qweight`, `.scales`, `.zeros`) instead of `<layer>.weight`.
+    portable quantized tensors (`<layer>.qweight`, `.scales`, `.zeros`) instead of `<layer>.weight`;
+    the layers in `quant.int8_modules` are int8 ones.
     """
+    if quant is not None and quant.method == "gptq" and not prequantized:
+        raise ValueError("GPTQ needs the whole float model and calibration text: use load_pretrained or "
+                         "save_pretrained with the GPTQ config, not quantize-while-loading")
     expected = {name: p.shape for name, p in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     targets = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and quant.applies_to(name)} \
@@ -66,7 +71,7 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
         module, _, kind = name.rpartition(".")
         if prequantized and module in targets and kind in ("qweight", "scales", "zeros"):
             out_features, in_features = expected[f"{module}.weight"]
-            shapes = _portable_shapes(out_features, in_features, quant)
+            shapes = _portable_shapes(out_features, in_features, quant.for_module(module))
             want_shape, want_dtype = shapes.get(kind, (None, None))
             if want_shape is None or tuple(tensor.shape) != want_shape or (want_dtype and tensor.dtype != want_dtype):
                 raise CheckpointError(f"{source}: quantized tensor {name!r} has shape {tuple(tensor.shape)} "
@@ -81,12 +86,12 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected floating point")
         if module in targets and kind == "weight" and not prequantized:
-            quantized[module] = quantize_weight(tensor, quant)  # the float tensor is dropped right here
+            quantized[module] = quantize_weight(tensor, quant.for_module(module))  # the float copy is dropped here
             continue
         loaded[name] = tensor.to(device=device, dtype=dtype)
     if quant:
-        needed = set(_portable_shapes(1, quant.group_size * 2, quant))
         for module, pieces in quantized.items():
+            needed = set(_portable_shapes(1, quant.group_size * 2, quant.for_module(module)))
             if set(pieces) != needed:
                 raise CheckpointError(f"checkpoint: quantized layer {module!r} lacks {sorted(needed - set(pieces))}")
     # A tied head is never read from the file: it is the embedding (or quantized from it below).
@@ -99,10 +104,10 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
     model.tie_weights()
     if quant:
         if tied and "lm_head" in targets and "lm_head" not in quantized:
-            quantized["lm_head"] = quantize_weight(model.model.embed_tokens.weight, quant)
+            quantized["lm_head"] = quantize_weight(model.model.embed_tokens.weight, quant.for_module("lm_head"))
         for module, pieces in quantized.items():
             bias = model.get_submodule(module).bias
-            model.set_submodule(module, quantized_linear(pieces, bias, quant, dtype).to(device))
+            model.set_submodule(module, quantized_linear(pieces, bias, quant.for_module(module), dtype).to(device))
     return model.eval()
 
 
@@ -168,9 +173,10 @@ def load_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None, de
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{directory / 'config.json'}: unsupported quantization_config "
                                   f"(only qwen2's own int8/int4 checkpoints load here): {e}") from None
-        if quant is not None and quant != saved_quant:
-            raise CheckpointError(f"{directory}: saved as {saved_quant.mode} (group {saved_quant.group_size}); "
-                                  f"cannot re-quantize it as {quant.mode}")
+        # How the integers were chosen (method) does not matter once they are stored; the layout does.
+        if quant is not None and dataclasses.replace(quant, method=saved_quant.method) != saved_quant:
+            raise CheckpointError(f"{directory}: saved as {saved_quant.describe()}; "
+                                  f"cannot re-quantize it as {quant.describe()}")
         quant = saved_quant
     files = _weight_files(directory)
     return assign_weights(build_empty_model(config), _iter_safetensors(files), dtype=dtype, device=device,
@@ -178,11 +184,14 @@ def load_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None, de
 
 
 def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torch.dtype | None = None,
-                  max_shard_bytes: int = 4 << 30, quant: QuantConfig | None = None) -> None:
+                  max_shard_bytes: int = 4 << 30, quant: QuantConfig | None = None,
+                  quantized: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
 
-    Files are written to temporary names and renamed, so an interrupted save never leaves a
-    half-written file under the final name.
+    With `quant`, the layers it applies to are stored as portable quantized tensors: those given in
+    `quantized` (module path -> tensors for every such layer, e.g. from qwen2.model.gptq), else
+    rounded to nearest here. Files are written to temporary names and renamed, so an interrupted
+    save never leaves a half-written file under the final name.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -193,11 +202,17 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     if quant is not None:  # portable quantized tensors replace the float weights of the target layers
+        if quant.method == "gptq" and quantized is None:
+            raise ValueError("quant.method is 'gptq' but no GPTQ tensors were given (see qwen2.model.gptq)")
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and quant.applies_to(name):
                 state.pop(f"{name}.weight", None)
+                if quantized is not None and name not in quantized:
+                    raise ValueError(f"no quantized tensors given for layer {name!r}")
+                pieces = quantized[name] if quantized is not None else quantize_weight(module.weight,
+                                                                                        quant.for_module(name))
                 # scales and zeros stay float32: they are small, and rounding them would add error
-                state.update({f"{name}.{kind}": t for kind, t in quantize_weight(module.weight, quant).items()})
+                state.update({f"{name}.{kind}": t for kind, t in pieces.items()})
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():

@@ -9,6 +9,12 @@ runtime (int4 is repacked into the CPU kernel's private tile layout, which is ne
   w ~= q * scale + min, q in [0, 15]. Portable storage packs two columns per byte (low nibble =
   even column).
 
+How the integers are chosen is the `method`: "rtn" rounds each weight to the nearest grid point
+(here, at load time, in milliseconds); "gptq" (qwen2.model.gptq) calibrates on text and lets the
+rounding error of each column be absorbed by the columns not yet quantized. Both write the same
+portable tensors and run on the same kernels. A mixed-precision int4 model keeps the layers named
+in `int8_modules` at int8 (`QuantConfig.for_module`).
+
 Activations stay in the model's float dtype; only weights are quantized.
 """
 
@@ -23,6 +29,8 @@ from torch import nn
 
 QuantMode = Literal["int8", "int4"]
 QUANT_MODES: tuple[str, ...] = ("int8", "int4")
+QuantMethod = Literal["rtn", "gptq"]
+QUANT_METHODS: tuple[str, ...] = ("rtn", "gptq")
 # The int4 CPU kernel takes the packed weight in tiles of 16 * inner_k_tiles rows of K.
 _INNER_K_TILES = 2
 
@@ -32,12 +40,35 @@ class QuantConfig:
     mode: QuantMode
     group_size: int = 32  # int4 only; must divide every in_features
     include_lm_head: bool = True
+    method: QuantMethod = "rtn"  # how the integers were chosen; the stored format is the same
+    # int4 only: linear layers (module paths, e.g. "model.layers.3.mlp.down_proj") kept at int8.
+    int8_modules: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
             raise ValueError(f"quantization mode {self.mode!r} is not one of {QUANT_MODES}")
         if self.mode == "int4" and self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"int4 group_size must be 32, 64, 128 or 256 (got {self.group_size})")
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"quantization method {self.method!r} is not one of {QUANT_METHODS}")
+        if isinstance(self.int8_modules, str) or not all(isinstance(m, str) for m in self.int8_modules):
+            raise ValueError(f"int8_modules must be a collection of module paths (got {self.int8_modules!r})")
+        object.__setattr__(self, "int8_modules", frozenset(self.int8_modules))  # accept lists, stay hashable
+        if self.int8_modules and self.mode != "int4":
+            raise ValueError(f"int8_modules keeps layers of an int4 model at int8; mode is {self.mode!r}")
+
+    def for_module(self, module_name: str) -> "QuantConfig":
+        """The configuration one layer is stored and run with: int8 for the int8_modules, else self."""
+        if module_name in self.int8_modules:
+            return QuantConfig("int8", include_lm_head=self.include_lm_head, method=self.method)
+        return self
+
+    def describe(self) -> str:
+        """A short human-readable summary, for messages ("int4 (group 32, gptq, 5 layers int8)")."""
+        if self.mode == "int8":
+            return f"int8 ({self.method})"
+        extra = f", {len(self.int8_modules)} layers int8" if self.int8_modules else ""
+        return f"int4 (group {self.group_size}, {self.method}{extra})"
 
     def applies_to(self, module_name: str) -> bool:
         """Which linear layers are quantized: every projection, and the LM head unless excluded."""
@@ -48,14 +79,20 @@ class QuantConfig:
     def to_dict(self) -> dict:
         """The `quantization_config` entry of a quantized checkpoint's config.json."""
         return {"quant_method": "qwen2-weight-only", "mode": self.mode, "group_size": self.group_size,
-                "include_lm_head": self.include_lm_head}
+                "include_lm_head": self.include_lm_head, "method": self.method,
+                "int8_modules": sorted(self.int8_modules)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantConfig":
         if not isinstance(data, dict) or data.get("quant_method") != "qwen2-weight-only":
             raise ValueError(f"quantization_config {data!r} is not a qwen2 weight-only quantization")
+        # Checkpoints written before `method` / `int8_modules` existed are plain RTN, all int4.
+        int8_modules = data.get("int8_modules", [])
+        if not isinstance(int8_modules, list):
+            raise ValueError(f"quantization_config int8_modules must be a list of module paths (got {int8_modules!r})")
         return cls(mode=data.get("mode"), group_size=data.get("group_size", 32),
-                   include_lm_head=bool(data.get("include_lm_head", True)))
+                   include_lm_head=bool(data.get("include_lm_head", True)), method=data.get("method", "rtn"),
+                   int8_modules=frozenset(int8_modules))
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig, *, rows_per_chunk: int = 4096) -> dict[str, torch.Tensor]:
@@ -74,16 +111,32 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, *, rows_per_chunk
     return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
 
 
+def int8_scales(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale of each row of a float (out, in) weight: absmax / 127."""
+    return (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+
+
+def int4_group_params(w_OgG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) of int4 groups (..., G): the 16 levels span each group's [min, max] exactly."""
+    lo, hi = w_OgG.amin(-1), w_OgG.amax(-1)
+    return ((hi - lo) / 15).clamp(min=1e-10), lo
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 (out, in/2) from int4 codes (out, in) in [0, 15]: even column in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
 def _quantize_rows(w: torch.Tensor, config: QuantConfig) -> dict[str, torch.Tensor]:
     if config.mode == "int8":
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        scales = int8_scales(w)
         return {"qweight": torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), "scales": scales}
     rows, G = w.shape[0], config.group_size
     w_OgG = w.view(rows, -1, G)
-    lo, hi = w_OgG.amin(-1), w_OgG.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((w_OgG - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).view(rows, -1)
-    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": lo}
+    scales, zeros = int4_group_params(w_OgG)
+    q = torch.round((w_OgG - zeros[..., None]) / scales[..., None]).clamp(0, 15).view(rows, -1)
+    return {"qweight": pack_int4(q), "scales": scales, "zeros": zeros}
 
 
 def dequantize_weight(tensors: dict[str, torch.Tensor], config: QuantConfig) -> torch.Tensor:
@@ -151,13 +204,21 @@ def quantized_linear(tensors: dict[str, torch.Tensor], bias: torch.Tensor | None
     return Int4Linear(tensors, bias, dtype, config.group_size)
 
 
-def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig,
+              tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Replace the model's linear layers by quantized ones, in place, one layer at a time (so the
-    float and quantized copies of only one layer coexist). Untie the LM head first if it is shared."""
+    float and quantized copies of only one layer coexist). A tied LM head becomes its own quantized
+    copy; the embedding stays float.
+
+    `tensors` maps module paths to portable tensors computed elsewhere (GPTQ); every layer the
+    config applies to must be in it. Without it each layer is rounded to nearest here."""
     targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and config.applies_to(name)]
+    if tensors is not None and (missing := [name for name in targets if name not in tensors]):
+        raise ValueError(f"no quantized tensors given for {len(missing)} layer(s), e.g. {missing[0]!r}")
     for name in targets:
         linear = model.get_submodule(name)
-        tensors = quantize_weight(linear.weight, config)
+        layer_config = config.for_module(name)
+        pieces = tensors[name] if tensors is not None else quantize_weight(linear.weight, layer_config)
         bias = linear.bias.detach() if linear.bias is not None else None
-        model.set_submodule(name, quantized_linear(tensors, bias, config, linear.weight.dtype))
+        model.set_submodule(name, quantized_linear(pieces, bias, layer_config, linear.weight.dtype))
     return model
