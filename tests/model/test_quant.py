@@ -14,14 +14,18 @@ from qwen2.model.quant import (Int4Linear, Int8Linear, QuantConfig, dequantize_w
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_dequantized_reference(mode, dtype):
+@pytest.mark.parametrize("rows,out_features", [(10, 96), (300, 128), (300, 96)],
+                         ids=["packed-kernel", "dequantized-gemm", "odd-blocks"])
+def test_kernel_matches_dequantized_reference(mode, dtype, rows, out_features):
+    # few rows: the packed kernels; >= DEQUANTIZE_FROM_ROWS rows: dequantize + one GEMM (int4 needs
+    # whole blocks of 64 output rows for it, else it stays on the packed kernel)
     gen = torch.Generator().manual_seed(0)
-    w, bias = torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen)
+    w, bias = torch.randn(out_features, 128, generator=gen), torch.randn(out_features, generator=gen)
     config = QuantConfig(mode, group_size=32)
     tensors = quantize_weight(w, config)
     layer = quantized_linear(tensors, bias, config, dtype)
     assert isinstance(layer, Int8Linear if mode == "int8" else Int4Linear)
-    x = torch.randn(2, 5, 128, generator=gen).to(dtype)
+    x = torch.randn(2, rows // 2, 128, generator=gen).to(dtype)
     reference = x.float() @ dequantize_weight(tensors, config).t() + bias
     tol = 1e-4 if dtype == torch.float32 else 0.15  # bf16: rounding of inputs and outputs
     torch.testing.assert_close(layer(x).float(), reference, atol=tol * reference.abs().max().item(), rtol=0)
