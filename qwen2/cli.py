@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", nargs="+", metavar="FILE", default=None,
                    help="GPTQ calibration text files (default: Python's standard library and reference docs)")
     p.add_argument("--calibration-samples", type=int, default=None,
-                   help="GPTQ calibration sequences of 512 tokens (default 128)")
+                   help="GPTQ calibration sequences of 512 tokens (default 64)")
     p.add_argument("--int8-budget", type=float, default=None,
                    help="GPTQ int4: share of the quantized parameters that may stay int8, chosen by measured error")
     p.set_defaults(func=cmd_quantize)
