@@ -203,7 +203,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # Calibrated int4 by default (round to nearest loses 15% perplexity at int4); int8 needs no calibration.
     method = args.method or ("gptq" if args.quantize == "int4" else "rtn")
-    quant = dataclasses.replace(_quant_config(args), method=method)
+    quant = dataclasses.replace(_quant_config(args), method=method,
+                                int8_modules={"lm_head"} if args.int8_lm_head else frozenset())
     given = {"num_samples": args.calibration_samples, "int8_budget": args.int8_budget,
              "calibration_files": tuple(args.calibration) if args.calibration else None}
     given = {k: v for k, v in given.items() if v is not None}  # the rest: GPTQConfig's defaults
@@ -295,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=None,
                    help="GPTQ calibration sequences of 512 tokens (default 64)")
     p.add_argument("--int8-budget", type=float, default=None,
-                   help="GPTQ int4: share of the quantized parameters that may stay int8, chosen by measured error")
+                   help="GPTQ int4: share of the decoder layers' parameters kept at int8, worst layers first "
+                        "(by their measured error on the calibration text)")
+    p.add_argument("--int8-lm-head", action="store_true", help="int4: keep the LM head at int8")
     p.set_defaults(func=cmd_quantize)
     return parser
 

@@ -65,8 +65,9 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # lazy-batch width (columns); a multiple of the int4 group size
     act_order: bool = True  # quantize columns by decreasing diag(H), with static group scales
-    # Mixed precision: the largest share of the int4 layers' parameters that may be kept at int8
-    # instead (0 = all int4). Layers are chosen by measured output error (see module docstring).
+    # Mixed precision: the largest share of the decoder layers' int4 parameters that may be kept at
+    # int8 instead (0 = all int4), worst decoder layers first by measured error (module docstring).
+    # The LM head's precision is the QuantConfig's to say (include_lm_head, int8_modules).
     int8_budget: float = 0.0
     calibration_dtype: torch.dtype = torch.bfloat16  # activations while calibrating (as at inference)
     seed: int = 0  # which calibration windows are drawn
@@ -270,17 +271,22 @@ class GPTQResult:
 
 def _quantize_group(weights: dict[str, torch.Tensor], hessian: torch.Tensor, quant: QuantConfig,
                     gptq: GPTQConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """GPTQ for linear layers that share one input (and so one H), stacked along their rows."""
-    names = list(weights)
-    stacked = torch.cat([weights[n].float() for n in names])
-    tensors = gptq_quantize_weight(stacked, hessian, quant, damp=gptq.damp, block_size=gptq.block_size,
-                                   act_order=gptq.act_order)
-    out, start = {}, 0
-    for name in names:
-        rows = weights[name].shape[0]
-        # Own copies, not views into the stacked result: a checkpoint cannot save tensors sharing memory.
-        out[name] = {kind: t[start:start + rows].clone() for kind, t in tensors.items()}
-        start += rows
+    """GPTQ for linear layers (full module paths) that share one input (and so one H), stacked along
+    their rows; layers the config keeps at int8 are stacked separately."""
+    out = {}
+    for mode in ("int4", "int8"):
+        names = [n for n in weights if quant.for_module(n).mode == mode]
+        if not names:
+            continue
+        tensors = gptq_quantize_weight(torch.cat([weights[n].float() for n in names]), hessian,
+                                       quant.for_module(names[0]), damp=gptq.damp, block_size=gptq.block_size,
+                                       act_order=gptq.act_order)
+        start = 0
+        for name in names:
+            rows = weights[name].shape[0]
+            # Own copies, not views into the stacked result: a checkpoint cannot save tensors sharing memory.
+            out[name] = {kind: t[start:start + rows].clone() for kind, t in tensors.items()}
+            start += rows
     return out
 
 
@@ -327,15 +333,14 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
         hooks.remove()
         for group in groups:
             H = hooks.hessians[group[0]] / (N * T)
-            weights = {n: layer.get_submodule(n).weight for n in group}
-            for name, pieces in _quantize_group(weights, H, quant, gptq).items():
-                full = prefix + name
+            weights = {prefix + n: layer.get_submodule(n).weight for n in group}
+            for full, pieces in _quantize_group(weights, H, quant, gptq).items():
                 tensors[full] = pieces
-                deq = dequantize_weight(pieces, quant)
-                errors[full] = relative_output_error(weights[name], deq, H)
-                if gptq.int8_budget > 0:
-                    hessians_kept[full], float_weights[full] = H, weights[name]
-                work.get_submodule(name).weight.copy_(deq)
+                deq = dequantize_weight(pieces, quant.for_module(full))
+                errors[full] = relative_output_error(weights[full], deq, H)
+                if gptq.int8_budget > 0 and quant.for_module(full).mode == "int4":
+                    hessians_kept[full], float_weights[full] = H, weights[full]
+                work.get_submodule(full.removeprefix(prefix)).weight.copy_(deq)
         y_NTD = run(work, x_NTD, layer.is_sliding)
         # What the quantization of this decoder layer does to the residual stream, relative to what the
         # layer adds to it: the mixed-precision rule ranks layers by this (see choose_int8_modules).
@@ -349,22 +354,20 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
         H = (h.t() @ h).float() / (N * T)
         weight = model.lm_head.weight
         tensors["lm_head"] = _quantize_group({"lm_head": weight}, H, quant, gptq)["lm_head"]
-        errors["lm_head"] = relative_output_error(weight, dequantize_weight(tensors["lm_head"], quant), H)
-        if gptq.int8_budget > 0:
-            hessians_kept["lm_head"], float_weights["lm_head"] = H, weight
+        errors["lm_head"] = relative_output_error(weight, dequantize_weight(tensors["lm_head"],
+                                                                            quant.for_module("lm_head")), H)
 
-    config = QuantConfig(quant.mode, group_size=quant.group_size, include_lm_head=quant.include_lm_head,
-                         method="gptq")
+    # The int8 layers asked for (e.g. the LM head) stay int8; the budget adds whole decoder layers.
+    config = dataclasses.replace(quant, method="gptq",
+                                 int8_modules={n for n in quant.int8_modules if n in tensors})
     replaced_int4: dict[str, dict[str, torch.Tensor]] = {}
     if quant.mode == "int4" and gptq.int8_budget > 0:
-        # Each linear is scored by its decoder layer's residual error (the head by its own output
-        # error), so whole layers go to int8 together, worst first.
-        scores = {n: layer_errors[n.rpartition(".")[0].rpartition(".")[0]] if n.startswith("model.layers.")
-                  else errors[n] for n in float_weights}
+        # Each linear is scored by its decoder layer's residual-stream error, so whole layers go to
+        # int8 together, worst first.
+        scores = {n: layer_errors[n.rpartition(".")[0].rpartition(".")[0]] for n in float_weights}
         chosen = choose_int8_modules(scores, {n: w.numel() for n, w in float_weights.items()}, gptq.int8_budget)
-        config = QuantConfig(config.mode, group_size=config.group_size, include_lm_head=config.include_lm_head,
-                             method="gptq", int8_modules=chosen)
-        int8 = config.for_module(next(iter(chosen))) if chosen else None
+        config = dataclasses.replace(config, int8_modules=config.int8_modules | chosen)
+        int8 = QuantConfig("int8")
         # int8 GPTQ with the same H. The layers after a chosen one were calibrated on inputs from its
         # int4 version (the choice needs every layer's error first); int8 only makes those inputs
         # more accurate, and a second calibration pass would double the time.

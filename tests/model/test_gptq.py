@@ -120,6 +120,18 @@ def test_int8_budget_keeps_the_worst_layers_at_int8():
             assert isinstance(module, Int8Linear if name in chosen else Int4Linear), name
 
 
+def test_layers_asked_for_at_int8_are_calibrated_at_int8():
+    model = tiny_model()
+    quant = QuantConfig("int4", int8_modules={"lm_head", "model.layers.0.self_attn.k_proj"})
+    result = gptq_quantize_model(model, text_like_ids(8, 32, seed=1), quant, GPTQConfig(batch_size=4))
+    assert result.config.int8_modules == quant.int8_modules
+    assert result.tensors["lm_head"]["qweight"].dtype == torch.int8
+    assert result.tensors["model.layers.0.self_attn.k_proj"]["qweight"].dtype == torch.int8
+    assert result.tensors["model.layers.0.self_attn.q_proj"]["qweight"].dtype == torch.uint8  # same H, int4
+    quantize_(model, result.config, result.tensors)
+    assert isinstance(model.lm_head, Int8Linear)
+
+
 def test_choose_int8_modules_ranks_by_error_within_the_budget():
     errors = {"a": 0.5, "b": 0.4, "c": 0.3, "d": 0.01}
     sizes = {"a": 60, "b": 30, "c": 10, "d": 10}
