@@ -47,6 +47,8 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
             7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
+LARGE_TENSOR = 1 << 24  # elements; larger tensors are dequantized in blocks of rows
+ROWS_CHUNK_ELEMENTS = 1 << 22  # about 16 MB of float32 per block
 
 
 @dataclass
@@ -250,26 +252,53 @@ class GGUFFile:
             "chat_template": self.get("tokenizer.chat_template"),
         }
 
-    def iter_dequantized(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        from gguf.constants import GGMLQuantizationType
-        from gguf.quants import dequantize
+    def iter_dequantized(self, *, skip: frozenset[str] = frozenset(),
+                         large_dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """(HF name, float tensor, source) for every tensor except the HF names in `skip`.
 
+        Tensors of more than LARGE_TENSOR elements (the 151,936-row embedding and head) are
+        dequantized a block of rows at a time straight into `large_dtype`, so neither a float32
+        copy of the whole matrix nor the dequantizer's temporaries for all of it ever exist (they
+        were 1.5 GB for the demo model's embedding); the others come as float32.
+        """
         for t in self.tensors:
             name = hf_name(t.name)
             if name is None:
                 raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r} (not a Qwen2 tensor)")
-            qtype = GGMLQuantizationType(t.qtype)
-            raw = np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-            rows = math.prod(t.shape[:-1])
-            try:
-                array = dequantize(raw.reshape(rows, t.nbytes // rows), qtype).reshape(t.shape)
-            except NotImplementedError:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} uses unsupported type {qtype.name}") from None
-            if not array.flags.writeable or array.dtype != np.float32:
-                array = array.astype(np.float32)  # float tensors come back as read-only views of the mapping
-            del raw
-            yield name, torch.from_numpy(array), f"{self.path} ({t.name})"
+            if name in skip:
+                continue
+            if math.prod(t.shape) > LARGE_TENSOR:
+                tensor = self._dequantize_rows(t, large_dtype)
+            else:
+                tensor = torch.from_numpy(self._dequantize(t, 0, math.prod(t.shape[:-1]))).view(t.shape)
+            yield name, tensor, f"{self.path} ({t.name})"
             self._release(t)
+
+    def _dequantize(self, t: TensorInfo, row_start: int, row_end: int) -> np.ndarray:
+        """float32 rows [row_start, row_end) of tensor t (viewed as rows x last dim), writable."""
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype = GGMLQuantizationType(t.qtype)
+        row_bytes = t.nbytes // math.prod(t.shape[:-1])
+        raw = np.frombuffer(self._mmap, dtype=np.uint8, count=(row_end - row_start) * row_bytes,
+                            offset=t.offset + row_start * row_bytes)
+        try:
+            array = dequantize(raw.reshape(row_end - row_start, row_bytes), qtype)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} uses unsupported type {qtype.name}") from None
+        if not array.flags.writeable or array.dtype != np.float32:
+            array = array.astype(np.float32)  # float tensors come back as read-only views of the mapping
+        return array
+
+    def _dequantize_rows(self, t: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+        rows, cols = math.prod(t.shape[:-1]), t.shape[-1]
+        out = torch.empty((rows, cols), dtype=dtype)
+        step = max(1, ROWS_CHUNK_ELEMENTS // cols)
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            out[start:end] = torch.from_numpy(self._dequantize(t, start, end)).view(end - start, cols)
+        return out.view(t.shape)
 
     def _release(self, t: TensorInfo) -> None:
         """Drop the file pages of a tensor we are done with from our resident memory (they are
@@ -284,5 +313,9 @@ def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch
     """Build a Qwen2ForCausalLM from a GGUF file, every tensor dequantized to float32 then cast to
     dtype, or (with `quant`) requantized to our int8/int4 one tensor at a time."""
     gguf_file = source if isinstance(source, GGUFFile) else GGUFFile(source)
-    model = build_empty_model(gguf_file.config())
-    return assign_weights(model, gguf_file.iter_dequantized(), dtype=dtype, device=device, quant=quant)
+    config = gguf_file.config()
+    model = build_empty_model(config)
+    # A tied model's head is its embedding: a stored output.weight is never read (nor dequantized).
+    skip = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
+    tensors = gguf_file.iter_dequantized(skip=skip, large_dtype=dtype)
+    return assign_weights(model, tensors, dtype=dtype, device=device, quant=quant)

@@ -20,6 +20,7 @@ from qwen2.checkpoint.gguf import GGUFFile, load_gguf_model
 from qwen2.checkpoint.safetensors import CheckpointError, load_hf_model
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.model.quant import QuantConfig, quantize_
+from qwen2.sysmem import bounded_heap
 from qwen2.tokenizer import Tokenizer, tokenizer_json_from_gguf
 
 if TYPE_CHECKING:  # gptq is imported only when calibrating
@@ -151,17 +152,18 @@ def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None
         quantize_(pretrained.model.to(dtype), result.config, result.tensors)
         return pretrained
     path = resolve(name)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
-        gguf_file = GGUFFile(path)  # parsed once, for the weights and the tokenizer
-        tokenizer = load_tokenizer(gguf_file)
-        model = load_gguf_model(gguf_file, dtype=dtype or torch.float32, device=device, quant=quant)
-        pretrained = Pretrained(model, tokenizer, {}, str(path))
-    else:
-        tokenizer = load_tokenizer(path)
-        model = load_hf_model(path, dtype=dtype, device=device, quant=quant)
-        pretrained = Pretrained(model, tokenizer, read_generation_config(path), str(path))
+    with bounded_heap():  # freed load-time temporaries go back to the OS (see qwen2.sysmem)
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise CheckpointError(f"{path}: a model file must be .gguf; for safetensors pass the directory")
+            gguf_file = GGUFFile(path)  # parsed once, for the weights and the tokenizer
+            tokenizer = load_tokenizer(gguf_file)
+            model = load_gguf_model(gguf_file, dtype=dtype or torch.float32, device=device, quant=quant)
+            pretrained = Pretrained(model, tokenizer, {}, str(path))
+        else:
+            tokenizer = load_tokenizer(path)
+            model = load_hf_model(path, dtype=dtype, device=device, quant=quant)
+            pretrained = Pretrained(model, tokenizer, read_generation_config(path), str(path))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
                               f"has only {model.config.vocab_size} rows (vocab_size in config.json)")

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from qwen2.atomic import atomic_path, atomic_write_text
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
-from qwen2.model.quant import QuantConfig, quantize_weight, quantized_linear
+from qwen2.model.quant import QuantConfig, quantize_linear, quantize_weight, quantized_linear
 
 # Tensors some exporters write that are derived, not learned; skipping them is safe.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -64,7 +64,14 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
     targets = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and quant.applies_to(name)} \
         if quant else set()
     loaded: dict[str, torch.Tensor] = {}
-    quantized: dict[str, dict[str, torch.Tensor]] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = {}  # portable tensors of layers not complete yet
+    built: dict[str, nn.Module] = {}  # runtime layers (bias attached at the end)
+
+    def build(module: str) -> None:
+        # The runtime layer is built as soon as a layer's tensors are complete, and the portable
+        # copy dropped: holding both for every layer until the end doubled the quantized model.
+        built[module] = quantized_linear(quantized.pop(module), None, quant.for_module(module), dtype)
+
     for name, tensor, source in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and not prequantized):
             continue  # a tied checkpoint may also store the head; the embedding is the one we keep
@@ -77,6 +84,8 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
                 raise CheckpointError(f"{source}: quantized tensor {name!r} has shape {tuple(tensor.shape)} "
                                       f"and dtype {tensor.dtype}; expected {want_shape} {want_dtype or 'float'}")
             quantized.setdefault(module, {})[kind] = tensor
+            if set(quantized[module]) == set(shapes):
+                build(module)
             continue
         if name not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} (not a Qwen2 parameter for this config)")
@@ -86,7 +95,7 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected floating point")
         if module in targets and kind == "weight" and not prequantized:
-            quantized[module] = quantize_weight(tensor, quant.for_module(module))  # the float copy is dropped here
+            built[module] = quantize_linear(tensor, quant.for_module(module), dtype)  # the float copy is dropped here
             continue
         loaded[name] = tensor.to(device=device, dtype=dtype)
     if quant:
@@ -96,18 +105,20 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
                 raise CheckpointError(f"checkpoint: quantized layer {module!r} lacks {sorted(needed - set(pieces))}")
     # A tied head is never read from the file: it is the embedding (or quantized from it below).
     required = set(expected) - ({"lm_head.weight"} if tied else set())
-    missing = sorted(required - set(loaded) - {f"{m}.weight" for m in quantized})
+    missing = sorted(required - set(loaded) - {f"{m}.weight" for m in built})
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     if quant:
-        if tied and "lm_head" in targets and "lm_head" not in quantized:
-            quantized["lm_head"] = quantize_weight(model.model.embed_tokens.weight, quant.for_module("lm_head"))
-        for module, pieces in quantized.items():
+        if tied and "lm_head" in targets and "lm_head" not in built:
+            built["lm_head"] = quantize_linear(model.model.embed_tokens.weight, quant.for_module("lm_head"), dtype)
+        for module, layer in built.items():
             bias = model.get_submodule(module).bias
-            model.set_submodule(module, quantized_linear(pieces, bias, quant.for_module(module), dtype).to(device))
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+            model.set_submodule(module, layer.to(device))
     return model.eval()
 
 

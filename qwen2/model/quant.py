@@ -107,9 +107,14 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, *, rows_per_chunk
     out_features, in_features = weight.shape
     if config.mode == "int4" and in_features % config.group_size:
         raise ValueError(f"in_features {in_features} is not a multiple of the int4 group size {config.group_size}")
-    pieces = [_quantize_rows(weight[i:i + rows_per_chunk].detach().float(), config)
-              for i in range(0, out_features, rows_per_chunk)]
-    return {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, out_features, rows_per_chunk):  # filled in place: no list of pieces + a concatenated copy
+        piece = _quantize_rows(weight[i:i + rows_per_chunk].detach().float(), config)
+        for key, value in piece.items():
+            if key not in out:
+                out[key] = torch.empty((out_features, *value.shape[1:]), dtype=value.dtype)
+            out[key][i:i + value.shape[0]] = value
+    return out
 
 
 def int8_scales(w: torch.Tensor) -> torch.Tensor:
@@ -182,8 +187,7 @@ class Int4Linear(nn.Module):
         q = tensors["qweight"]
         self.out_features, self.in_features = q.shape[0], q.shape[1] * 2
         self.group_size = group_size
-        nibbles = torch.stack((q & 0xF, q >> 4), dim=-1).view(self.out_features, -1).to(torch.int32)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, _INNER_K_TILES))
+        self.register_buffer("packed", _pack_int4(q))
         # The kernel computes (q - 8) * scale + zero_point, so the zero point is min + 8 * scale.
         scales, zeros = tensors["scales"].float(), tensors["zeros"].float()
         self.register_buffer("scales_and_zeros",
@@ -220,6 +224,21 @@ class Int4Linear(nn.Module):
         return torch.addcmul(offset, q, scale).view(N // 64, K, 64).permute(1, 0, 2).reshape(K, N)
 
 
+def _pack_int4(q: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:  # rows_per_chunk: a multiple of 64
+    """The CPU kernel's packed layout of portable nibbles (out, in/2). The kernel packs blocks of 64
+    output rows independently, so packing 4096 rows at a time gives the same bytes while the int32
+    input it wants exists for one chunk only (for the 151,936-row head it was 545 MB at once)."""
+    packed = None
+    for start in range(0, q.shape[0], rows_per_chunk):
+        chunk = q[start:start + rows_per_chunk]
+        nibbles = torch.stack((chunk & 0xF, chunk >> 4), dim=-1).view(chunk.shape[0], -1).to(torch.int32)
+        piece = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, _INNER_K_TILES)
+        if packed is None:
+            packed = torch.empty((q.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+        packed[start:start + piece.shape[0]] = piece
+    return packed
+
+
 # From this many rows (prefill chunks, big batches) dequantizing the weight and running one float
 # GEMM beats the packed kernels, whose cost grows linearly with the rows: measured on one core for a
 # 4864 x 896 int4 weight, 512 rows take 27.7 ms packed vs 13.8 ms dequantized (128 rows: 6.8 vs 6.6;
@@ -244,6 +263,36 @@ def quantized_linear(tensors: dict[str, torch.Tensor], bias: torch.Tensor | None
     if config.mode == "int8":
         return Int8Linear(tensors, bias, dtype)
     return Int4Linear(tensors, bias, dtype, config.group_size)
+
+
+# the dimension along which each runtime buffer follows the weight's output rows
+_ROW_DIM = {"qweight": 0, "scales": 0, "packed": 0, "scales_and_zeros": 1}
+
+
+def quantize_linear(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtype, *,
+                    rows_per_chunk: int = 4096) -> nn.Module:
+    """`quantized_linear(quantize_weight(weight, config), None, config, dtype)`, built a block of
+    output rows at a time into preallocated buffers: no portable copy of the whole matrix ever
+    exists (for the 151,936-row head that copy and its packing were ~170 MB of load-time peak).
+    Quantization is per row, so the result is identical. The bias is the caller's to attach."""
+    out_features = weight.shape[0]
+    layer, full = None, {}
+    for start in range(0, out_features, rows_per_chunk):  # rows_per_chunk: a multiple of 64 (int4 packing)
+        part = quantized_linear(quantize_weight(weight[start:start + rows_per_chunk], config), None, config, dtype)
+        if layer is None:
+            if part.out_features == out_features:
+                return part
+            layer = part
+            for name, buf in part.named_buffers():
+                shape = list(buf.shape)
+                shape[_ROW_DIM[name]] = out_features
+                full[name] = torch.empty(shape, dtype=buf.dtype)
+        for name, buf in part.named_buffers():
+            full[name].narrow(_ROW_DIM[name], start, part.out_features).copy_(buf)
+    for name, buf in full.items():
+        setattr(layer, name, buf)
+    layer.out_features = out_features
+    return layer
 
 
 def quantize_(model: nn.Module, config: QuantConfig,

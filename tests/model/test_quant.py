@@ -72,3 +72,25 @@ def test_bad_quant_configs_are_named():
         QuantConfig("int3")
     with pytest.raises(ValueError, match="group_size"):
         QuantConfig("int4", group_size=48)
+
+
+def test_int4_packing_in_row_chunks_equals_packing_at_once():
+    from qwen2.model.quant import _pack_int4
+
+    q = torch.randint(0, 256, (64 * 5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_pack_int4(q, rows_per_chunk=128), _pack_int4(q, rows_per_chunk=10_000))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_linear_in_row_blocks_equals_the_whole_matrix_at_once(mode):
+    from qwen2.model.quant import quantize_linear
+
+    w = torch.randn(64 * 5 + 64, 96, generator=torch.Generator().manual_seed(2))
+    config = QuantConfig(mode, group_size=32)
+    whole = quantized_linear(quantize_weight(w, config), None, config, torch.bfloat16)
+    blocks = quantize_linear(w, config, torch.bfloat16, rows_per_chunk=128)
+    assert blocks.out_features == whole.out_features
+    for (name, a), (_, b) in zip(sorted(whole.named_buffers()), sorted(blocks.named_buffers())):
+        assert torch.equal(a, b), name
+    x = torch.randn(3, 96).bfloat16()
+    assert torch.equal(whole(x), blocks(x))
