@@ -109,6 +109,50 @@ def filter_logits(logits_BV: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0
     return logits_BV
 
 
+# With top-k off, top-p / min-p first look at this many best tokens, and fall back to sorting the
+# whole vocabulary only when those do not cover the nucleus (a full sort of 151,936 logits costs
+# ~12 ms per row on this CPU, which would dominate a 16-stream decode step).
+NUCLEUS_CANDIDATES = 1024
+
+
+def candidate_distribution(logits_BV: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The filtered next-token distribution as (probs (B, C), token ids (B, C)) over a few candidates,
+    equal to softmax(filter_logits(logits / temperature)) (which is zero outside them). None when
+    the candidates cannot be shown to hold every token the filters keep (then use the full path).
+
+    Top-k keeps the k best (then top-p / min-p act on them, normalised among them, as in the
+    reference order). Without top-k, top-p is decided with probabilities normalised over the whole
+    vocabulary, which the log-sum-exp of all logits gives without sorting them.
+    """
+    V = logits_BV.shape[-1]
+    logits_BV = logits_BV / params.temperature
+    if params.top_k > 0:
+        values_BC, ids_BC = torch.topk(logits_BV, min(params.top_k, V), dim=-1)
+        log_norm_B1 = values_BC.logsumexp(-1, keepdim=True)
+    elif params.top_p < 1.0 or params.min_p > 0.0:
+        values_BC, ids_BC = torch.topk(logits_BV, min(NUCLEUS_CANDIDATES, V), dim=-1)
+        log_norm_B1 = logits_BV.logsumexp(-1, keepdim=True)
+    else:
+        return None
+    probs_BC = (values_BC - log_norm_B1).exp()
+    keep_BC = torch.ones_like(probs_BC, dtype=torch.bool)
+    if params.top_p < 1.0:
+        before_BC = probs_BC.cumsum(-1) - probs_BC  # mass of the better tokens
+        keep_BC &= before_BC < params.top_p
+        # every kept token must be a candidate: the candidates' mass must reach top_p by itself
+        if params.top_k == 0 and V > values_BC.shape[-1] and bool((probs_BC.sum(-1) < params.top_p).any()):
+            return None
+    if params.min_p > 0.0:
+        # relative to the best token, so the normalisation does not matter
+        keep_BC &= values_BC - values_BC[:, :1] >= math.log(params.min_p)
+        if params.top_k == 0 and params.top_p == 1.0 and V > values_BC.shape[-1] and bool(
+                (values_BC[:, -1] - values_BC[:, 0] >= math.log(params.min_p)).any()):
+            return None  # the threshold reaches past the candidates
+    keep_BC[:, 0] = True  # the best token always survives
+    probs_BC = probs_BC * keep_BC
+    return probs_BC / probs_BC.sum(-1, keepdim=True), ids_BC
+
+
 def sample_next_token(logits_BV: torch.Tensor, params: SamplingParams, *, seen_BV: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V)."""
@@ -117,6 +161,10 @@ def sample_next_token(logits_BV: torch.Tensor, params: SamplingParams, *, seen_B
         logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty)
     if params.greedy:
         return logits_BV.argmax(-1)
+    candidates = candidate_distribution(logits_BV, params)
+    if candidates is not None:
+        probs_BC, ids_BC = candidates
+        return ids_BC.gather(-1, torch.multinomial(probs_BC, 1, generator=generator)).squeeze(-1)
     logits_BV = filter_logits(logits_BV / params.temperature, top_k=params.top_k, top_p=params.top_p,
                               min_p=params.min_p)
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator).squeeze(-1)

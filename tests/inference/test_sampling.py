@@ -74,3 +74,28 @@ def test_malformed_generation_config_is_named(gc, field):
 def test_invalid_parameters_are_named(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(top_k=20), dict(top_k=20, top_p=0.8), dict(top_k=20, top_p=0.8, min_p=0.05), dict(top_p=0.9),
+    dict(top_p=0.5, min_p=0.1), dict(min_p=0.2), dict(top_k=5000, top_p=0.95),
+])
+def test_candidate_distribution_equals_the_full_vocabulary_filters(kwargs):
+    from qwen2.inference.sampling import candidate_distribution
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5000, generator=gen) * 4  # peaked enough for the nucleus to fit in the candidates
+    params = SamplingParams(temperature=0.7, **kwargs)
+    probs, ids = candidate_distribution(logits, params)
+    dense = torch.zeros_like(logits).scatter(-1, ids, probs)
+    expected = filter_logits(logits / 0.7, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p).softmax(-1)
+    torch.testing.assert_close(dense, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_flat_distributions_fall_back_to_the_full_sort():
+    from qwen2.inference.sampling import candidate_distribution
+
+    flat = torch.zeros(1, 5000)  # the nucleus of top_p=0.9 is 4500 tokens: more than the candidates
+    assert candidate_distribution(flat, SamplingParams(temperature=1.0, top_p=0.9)) is None
+    token = sample_next_token(flat, SamplingParams(temperature=1.0, top_p=0.9), generator=torch.Generator().manual_seed(0))
+    assert 0 <= int(token) < 5000
