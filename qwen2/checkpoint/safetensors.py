@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from qwen2.atomic import atomic_path, atomic_write_text
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
-from qwen2.model.quant import QuantConfig, quantize_linear, quantize_weight, quantized_linear
+from qwen2.model.quant import (QuantConfig, quantize_embedding, quantize_embedding_, quantize_linear,
+                               quantize_weight, quantized_linear)
 
 # Tensors some exporters write that are derived, not learned; skipping them is safe.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -66,6 +67,7 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
     loaded: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict[str, torch.Tensor]] = {}  # portable tensors of layers not complete yet
     built: dict[str, nn.Module] = {}  # runtime layers (bias attached at the end)
+    embedding: nn.Module | None = None  # an untied model's embedding as int8 rows (with quant)
 
     def build(module: str) -> None:
         # The runtime layer is built as soon as a layer's tensors are complete, and the portable
@@ -97,6 +99,10 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
         if module in targets and kind == "weight" and not prequantized:
             built[module] = quantize_linear(tensor, quant.for_module(module), dtype)  # the float copy is dropped here
             continue
+        if quant is not None and not tied and name == "model.embed_tokens.weight":
+            # int8 rows the moment it arrives: the float embedding is the largest tensor
+            embedding = quantize_embedding(tensor, dtype).to(device)
+            continue
         loaded[name] = tensor.to(device=device, dtype=dtype)
     if quant:
         for module, pieces in quantized.items():
@@ -105,7 +111,8 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
                 raise CheckpointError(f"checkpoint: quantized layer {module!r} lacks {sorted(needed - set(pieces))}")
     # A tied head is never read from the file: it is the embedding (or quantized from it below).
     required = set(expected) - ({"lm_head.weight"} if tied else set())
-    missing = sorted(required - set(loaded) - {f"{m}.weight" for m in built})
+    missing = sorted(required - set(loaded) - {f"{m}.weight" for m in built}
+                     - ({"model.embed_tokens.weight"} if embedding is not None else set()))
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -119,6 +126,9 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
             if bias is not None:
                 layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
             model.set_submodule(module, layer.to(device))
+        if embedding is not None:
+            model.model.embed_tokens = embedding
+        quantize_embedding_(model)  # tied: the embedding reads the quantized head's rows
     return model.eval()
 
 

@@ -265,6 +265,65 @@ def quantized_linear(tensors: dict[str, torch.Tensor], bias: torch.Tensor | None
     return Int4Linear(tensors, bias, dtype, config.group_size)
 
 
+class QuantizedEmbedding(nn.Module):
+    """A token embedding stored as quantized rows: int8 rows of its own, or, in a tied model, the
+    quantized LM head's rows (the same matrix).
+
+    The float embedding is the largest tensor of a small model (272 MB in bf16 for the 0.5B one),
+    and a step only looks up a few rows of it. Untied models keep int8 rows (one scale per row:
+    the error is far below that of int8 projections); tied models read the head's int8 / int4
+    rows, so the matrix is stored once. A borrowed head is referenced, not registered, so it is
+    moved and counted once, as the LM head.
+    """
+
+    def __init__(self, rows: "Int8Linear | Int4Linear", dtype: torch.dtype, *, owned: bool) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = rows.out_features, rows.in_features
+        self.dtype = dtype
+        if owned:
+            self.rows = rows
+        else:
+            object.__setattr__(self, "rows", rows)
+
+    @staticmethod
+    def supports(rows: nn.Module | None) -> bool:
+        if isinstance(rows, Int8Linear):
+            return True
+        return isinstance(rows, Int4Linear) and rows.out_features % 64 == 0 and _int4_layout_known()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows, flat = self.rows, ids.reshape(-1)
+        if isinstance(rows, Int8Linear):
+            out = rows.qweight[flat].to(self.dtype) * rows.scales[flat, None].to(self.dtype)
+        else:  # the packed layout (see Int4Linear.dequantized_t): row n is nibble n % 64 of block n // 64
+            K, G = rows.in_features, rows.group_size
+            block, within = flat // 64, flat % 64
+            byte = rows.packed.view(-1, K, 32)[block, :, within % 32]  # (M, K)
+            q = torch.where((within < 32)[:, None], byte & 0xF, byte >> 4).to(self.dtype)
+            sz = rows.scales_and_zeros[:, flat].to(self.dtype)  # (K/G, M, 2)
+            scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # (M, K/G, 1)
+            out = ((q.view(-1, K // G, G) - 8) * scale + zero).view(-1, K)
+        return out.view(*ids.shape, self.embedding_dim)
+
+
+def quantize_embedding(weight: torch.Tensor, dtype: torch.dtype) -> QuantizedEmbedding:
+    """int8 rows (one scale per row) for an untied model's embedding."""
+    return QuantizedEmbedding(quantize_linear(weight, QuantConfig("int8"), dtype), dtype, owned=True)
+
+
+def quantize_embedding_(model: nn.Module) -> None:
+    """After the linears of `model` are quantized: store the embedding as quantized rows, the
+    quantized head's own in a tied model (see QuantizedEmbedding)."""
+    inner = model.model
+    if not isinstance(inner.embed_tokens, nn.Embedding):
+        return
+    dtype = inner.embed_tokens.weight.dtype
+    if model.config.tie_word_embeddings and QuantizedEmbedding.supports(model.lm_head):
+        inner.embed_tokens = QuantizedEmbedding(model.lm_head, dtype, owned=False)
+    else:
+        inner.embed_tokens = quantize_embedding(inner.embed_tokens.weight, dtype)
+
+
 # the dimension along which each runtime buffer follows the weight's output rows
 _ROW_DIM = {"qweight": 0, "scales": 0, "packed": 0, "scales_and_zeros": 1}
 
@@ -298,8 +357,8 @@ def quantize_linear(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtyp
 def quantize_(model: nn.Module, config: QuantConfig,
               tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Replace the model's linear layers by quantized ones, in place, one layer at a time (so the
-    float and quantized copies of only one layer coexist). A tied LM head becomes its own quantized
-    copy; the embedding stays float.
+    float and quantized copies of only one layer coexist). A tied LM head becomes a quantized copy
+    of the embedding; the embedding then becomes quantized rows (quantize_embedding_).
 
     `tensors` maps module paths to portable tensors computed elsewhere (GPTQ); every layer the
     config applies to must be in it. Without it each layer is rounded to nearest here."""
@@ -312,4 +371,5 @@ def quantize_(model: nn.Module, config: QuantConfig,
         pieces = tensors[name] if tensors is not None else quantize_weight(linear.weight, layer_config)
         bias = linear.bias.detach() if linear.bias is not None else None
         model.set_submodule(name, quantized_linear(pieces, bias, layer_config, linear.weight.dtype))
+    quantize_embedding_(model)
     return model

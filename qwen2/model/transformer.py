@@ -168,14 +168,15 @@ class Qwen2ForCausalLM(nn.Module):
             h_BTD = h_BTD[:, -logits_to_keep:]
         return self.lm_head(h_BTD)
 
-    # The embedding is never quantized, so it tells the activation dtype and the device.
+    # The final norm is never quantized (the embedding may be: qwen2.model.quant.QuantizedEmbedding),
+    # so its weight tells the activation dtype and the device.
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     def init_weights(self, seed: int | None = None) -> None:
         """Random init as transformers does: N(0, initializer_range) weights, zero biases, unit norms."""

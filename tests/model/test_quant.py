@@ -8,7 +8,7 @@ from torch import nn
 
 from qwen2.config import PRESETS
 from qwen2.model import Qwen2ForCausalLM
-from qwen2.model.quant import (Int4Linear, Int8Linear, QuantConfig, dequantize_weight, quantize_,
+from qwen2.model.quant import (Int4Linear, Int8Linear, QuantConfig, QuantizedEmbedding, dequantize_weight, quantize_,
                                quantize_weight, quantized_linear)
 
 
@@ -61,7 +61,9 @@ def test_quantized_model_stays_close_to_float(mode):
         quantize_(model, QuantConfig(mode))
         out = model(ids)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())  # every projection and the head
-    assert isinstance(model.model.embed_tokens, nn.Embedding)  # the embedding stays float
+    # tied: the embedding reads the quantized head's rows; no float (vocab x hidden) matrix is left
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert not any(t.shape == (512, 128) and t.is_floating_point() for t in model.state_dict().values())
     rel = (out - ref).norm() / ref.norm()
     # Gaussian random weights are the hard case for 4 bits; real checkpoints are checked by perplexity.
     assert rel < (0.02 if mode == "int8" else 0.25), rel
@@ -94,3 +96,33 @@ def test_quantize_linear_in_row_blocks_equals_the_whole_matrix_at_once(mode):
         assert torch.equal(a, b), name
     x = torch.randn(3, 96).bfloat16()
     assert torch.equal(whole(x), blocks(x))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_embedding_reads_the_heads_rows(mode):
+    from qwen2.model.quant import QuantizedEmbedding
+
+    w = torch.randn(64 * 3, 96, generator=torch.Generator().manual_seed(4))
+    config = QuantConfig(mode, group_size=32)
+    tensors = quantize_weight(w, config)
+    head = quantized_linear(tensors, None, config, torch.float32)
+    assert QuantizedEmbedding.supports(head)
+    ids = torch.tensor([[0, 31, 32, 63], [64, 100, 191, 5]])
+    expected = dequantize_weight(tensors, config)[ids]
+    borrowed = QuantizedEmbedding(head, torch.float32, owned=False)
+    torch.testing.assert_close(borrowed(ids), expected, atol=1e-5, rtol=1e-5)
+    assert dict(borrowed.named_buffers()) == {}  # the head owns the storage
+
+
+def test_untied_model_gets_int8_embedding_rows_of_its_own():
+    config = PRESETS["tiny-mha-untied"]
+    model = Qwen2ForCausalLM(config)
+    model.init_weights(seed=0)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model.model.embed_tokens(ids)
+        quantize_(model, QuantConfig("int4"))
+        rows = model.model.embed_tokens(ids)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert model.model.embed_tokens.rows is not model.lm_head
+    assert (rows - reference).abs().max() <= reference.abs().amax(-1).max() / 127  # half an int8 step per row, x2
