@@ -39,6 +39,7 @@ from qwen2.inference.generate import ContextLengthError
 from qwen2.inference.sampling import SamplingParams, sample_next_token
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.model.paged_kv_cache import BlockPool, PagedKVCache
+from qwen2.sysmem import return_freed_memory
 from qwen2.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -441,3 +442,4 @@ class Engine:
         keep = self.config.idle_cache_tokens // self.cache.block_size
         self.pool.evict_cached(keep=keep)
         self.cache.return_memory()
+        return_freed_memory()  # activations of the last batch: back to the OS, not kept in the heap
