@@ -35,6 +35,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip install -q llama-cpp-python
 	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_batching.py
+	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_quant_quality.py
 	$(BIN)/python benchmarks/bench_tokenizer.py
 
