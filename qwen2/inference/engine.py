@@ -262,7 +262,10 @@ class Engine:
             c = self.model.config
             key_scale = torch.zeros(c.num_hidden_layers, c.num_key_value_heads, c.dim_per_head)
         return _Request(request_id, handle, params, self.stop_ids, prompt, len(prompt),
-                        max_len=min(len(prompt) + params.max_new_tokens, self.context),
+                        # the pool's capacity too: a sequence longer than the whole pool could only
+                        # ever preempt itself
+                        max_len=min(len(prompt) + params.max_new_tokens, self.context,
+                                    self.cache.capacity_tokens()),
                         assembler=TextAssembler(self.tokenizer, params.stop),
                         generator=torch.Generator().manual_seed(seed), seen_V=seen, key_scale_LKC=key_scale)
 

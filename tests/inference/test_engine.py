@@ -161,3 +161,16 @@ def test_background_thread_with_async_consumers(model, byte_tokenizer):
     with Engine(model, byte_tokenizer, EngineConfig(block_size=8)) as engine:
         results = asyncio.run(main(engine))
     assert results == [_reference(model, p, params) for p in prompts]
+
+
+def test_a_request_longer_than_the_pool_ends_with_length(model, byte_tokenizer):
+    engine = Engine(model, byte_tokenizer, EngineConfig(block_size=8, kv_cache_tokens=32))
+    handle = engine.submit(_prompts(1)[0][:10], SamplingParams(max_new_tokens=100))
+    for _ in range(200):  # bounded: it must not preempt itself forever
+        if not (engine._running or engine._waiting):
+            break
+        engine.step()
+    else:
+        pytest.fail("the request never finished (it kept preempting itself)")
+    _, ids, last = handle.result()
+    assert last.finish_reason in ("length", "stop") and 10 + len(ids) <= 32
