@@ -252,14 +252,15 @@ class GGUFFile:
             "chat_template": self.get("tokenizer.chat_template"),
         }
 
-    def iter_dequantized(self, *, skip: frozenset[str] = frozenset(),
-                         large_dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor, str]]:
+    def iter_dequantized(self, *, skip: frozenset[str] = frozenset(), large_dtype: torch.dtype = torch.float32,
+                         float32: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, str]]:
         """(HF name, float tensor, source) for every tensor except the HF names in `skip`.
 
         Tensors of more than LARGE_TENSOR elements (the 151,936-row embedding and head) are
         dequantized a block of rows at a time straight into `large_dtype`, so neither a float32
         copy of the whole matrix nor the dequantizer's temporaries for all of it ever exist (they
-        were 1.5 GB for the demo model's embedding); the others come as float32.
+        were 1.5 GB for the demo model's embedding); the others, and the names in `float32`, come as
+        float32.
         """
         for t in self.tensors:
             name = hf_name(t.name)
@@ -268,7 +269,7 @@ class GGUFFile:
             if name in skip:
                 continue
             if math.prod(t.shape) > LARGE_TENSOR:
-                tensor = self._dequantize_rows(t, large_dtype)
+                tensor = self._dequantize_rows(t, torch.float32 if name in float32 else large_dtype)
             else:
                 tensor = torch.from_numpy(self._dequantize(t, 0, math.prod(t.shape[:-1]))).view(t.shape)
             yield name, tensor, f"{self.path} ({t.name})"
@@ -317,5 +318,9 @@ def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch
     model = build_empty_model(config)
     # A tied model's head is its embedding: a stored output.weight is never read (nor dequantized).
     skip = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
-    tensors = gguf_file.iter_dequantized(skip=skip, large_dtype=dtype)
+    # A head that will be quantized arrives in float32, so it is rounded exactly as `qwen2 quantize`
+    # (which starts from the float32 model) rounds it; it is the first tensor of the file, so the
+    # float32 copy exists while little else is loaded.
+    float32 = frozenset({"lm_head.weight"}) if quant is not None and quant.applies_to("lm_head") else frozenset()
+    tensors = gguf_file.iter_dequantized(skip=skip, large_dtype=dtype, float32=float32)
     return assign_weights(model, tensors, dtype=dtype, device=device, quant=quant)
