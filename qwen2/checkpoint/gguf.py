@@ -259,8 +259,8 @@ class GGUFFile:
         Tensors of more than LARGE_TENSOR elements (the 151,936-row embedding and head) are
         dequantized a block of rows at a time straight into `large_dtype`, so neither a float32
         copy of the whole matrix nor the dequantizer's temporaries for all of it ever exist (they
-        were 1.5 GB for the demo model's embedding); the others, and the names in `float32`, come as
-        float32.
+        were 1.5 GB for the demo model's embedding); the others come as float32. Large tensors named
+        in `float32` (layers quantized as they load) come as LazyRows: float32 blocks of rows on demand.
         """
         for t in self.tensors:
             name = hf_name(t.name)
@@ -269,7 +269,7 @@ class GGUFFile:
             if name in skip:
                 continue
             if math.prod(t.shape) > LARGE_TENSOR:
-                tensor = self._dequantize_rows(t, torch.float32 if name in float32 else large_dtype)
+                tensor = LazyRows(self, t) if name in float32 else self._dequantize_rows(t, large_dtype)
             else:
                 tensor = torch.from_numpy(self._dequantize(t, 0, math.prod(t.shape[:-1]))).view(t.shape)
             yield name, tensor, f"{self.path} ({t.name})"
@@ -307,6 +307,30 @@ class GGUFFile:
         if hasattr(mmap, "MADV_DONTNEED"):
             start = t.offset - t.offset % mmap.PAGESIZE
             self._mmap.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+
+
+class LazyRows:
+    """A large GGUF matrix that dequantizes to float32 only the block of rows it is sliced for.
+
+    For a layer that is quantized while loading (qwen2.model.quant.quantize_linear works a block of
+    rows at a time): it rounds float32 values, exactly as quantizing the float32 model does, while
+    no float32 copy of the whole matrix (545 MB for the demo model's head) ever exists.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, gguf_file: GGUFFile, tensor: TensorInfo) -> None:
+        self._file, self._tensor = gguf_file, tensor
+        self.shape = torch.Size(tensor.shape)
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1 or len(self.shape) != 2:
+            raise IndexError("LazyRows supports contiguous row slices of a matrix only")
+        return torch.from_numpy(self._file._dequantize(self._tensor, start, stop)).view(stop - start, self.shape[1])
 
 
 def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch.float32,
