@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from qwen2.atomic import atomic_path, atomic_write_text
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
-from qwen2.model.quant import (QuantConfig, quantize_embedding, quantize_embedding_, quantize_linear,
-                               quantize_weight, quantized_linear)
+from qwen2.model.quant import (QuantConfig, fuse_projections_, quantize_embedding, quantize_embedding_,
+                               quantize_linear, quantize_weight, quantized_linear)
 
 # Tensors some exporters write that are derived, not learned; skipping them is safe.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -129,6 +129,7 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
         if embedding is not None:
             model.model.embed_tokens = embedding
         quantize_embedding_(model)  # tied: the embedding reads the quantized head's rows
+        fuse_projections_(model)
     return model.eval()
 
 
@@ -217,7 +218,8 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
-    if any(not isinstance(m, nn.Linear) for m in (model.lm_head, model.model.layers[0].mlp.up_proj)):
+    if not isinstance(model.lm_head, nn.Linear) or any(
+            not isinstance(m, nn.Linear) for m in model.model.layers[0].mlp.children()):
         raise ValueError("save the float model and pass quant=...: runtime int4 weights are in a private layout")
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -30,14 +30,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, K * C, bias=True)
         self.v_proj = nn.Linear(D, K * C, bias=True)
         self.o_proj = nn.Linear(H * C, D, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q/k/v merged, in quantized runtime models only
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
                 mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, K, C = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BHTC = self.q_proj(x_BTD).view(B, T, H, C).transpose(1, 2)
-        k_BKTC = self.k_proj(x_BTD).view(B, T, K, C).transpose(1, 2)
-        v_BKTC = self.v_proj(x_BTD).view(B, T, K, C).transpose(1, 2)
+        if self.qkv_proj is not None:  # quantized runtime models: one matmul (qwen2.model.quant.fuse_projections_)
+            q_BTX, k_BTX, v_BTX = self.qkv_proj(x_BTD).split((H * C, K * C, K * C), -1)
+        else:
+            q_BTX, k_BTX, v_BTX = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BHTC = q_BTX.reshape(B, T, H, C).transpose(1, 2)
+        k_BKTC = k_BTX.reshape(B, T, K, C).transpose(1, 2)
+        v_BKTC = v_BTX.reshape(B, T, K, C).transpose(1, 2)
         q_BHTC = apply_rope(q_BHTC, cos_BTC, sin_BTC)
         k_BKTC = apply_rope(k_BKTC, cos_BTC, sin_BTC)
         if kv_cache is not None:

@@ -126,3 +126,24 @@ def test_untied_model_gets_int8_embedding_rows_of_its_own():
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     assert model.model.embed_tokens.rows is not model.lm_head
     assert (rows - reference).abs().max() <= reference.abs().amax(-1).max() / 127  # half an int8 step per row, x2
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_projections_compute_the_same_outputs(mode, monkeypatch):
+    import copy
+
+    import qwen2.model.quant as quant
+
+    config = dataclasses.replace(PRESETS["tiny"], hidden_size=128, intermediate_size=256)
+    model = Qwen2ForCausalLM(config)
+    model.init_weights(seed=0)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(6))
+    fused = quantize_(copy.deepcopy(model), QuantConfig(mode))
+    monkeypatch.setattr(quant, "fuse_projections_", lambda m: None)
+    separate = quantize_(copy.deepcopy(model), QuantConfig(mode))
+    attn = fused.model.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert fused.model.layers[0].mlp.gate_up_proj is not None
+    assert separate.model.layers[0].self_attn.qkv_proj is None
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), separate(ids), atol=1e-5, rtol=1e-5)
