@@ -242,8 +242,6 @@ class PagedBatch:
         self.fresh_rows = [b for b, p in enumerate(past) if p == 0]
         self.key_scale_LBKC = torch.stack(key_scales, 1) if cache.quantized else None
 
-    length = property(lambda self: self.past)  # the static cache's name, for code that reads either
-
     def advance(self, num_new_tokens: int) -> None:
         """The engine owns the sequence lengths; nothing moves here."""
 
