@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from qwen2.checkpoint.gguf_int4 import GROUP, decode_int4_blocks, is_int4_grid
 from qwen2.checkpoint.safetensors import CheckpointError, assign_weights, build_empty_model
 from qwen2.config import ConfigError, Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
@@ -275,6 +276,21 @@ class GGUFFile:
             yield name, tensor, f"{self.path} ({t.name})"
             self._release(t)
 
+    def int4_tensors(self, name: str, group_size: int) -> dict[str, torch.Tensor] | None:
+        """Portable int4 tensors (group 32) of the linear weight with HF name `name`, read without
+        rounding if the file stores it in 4-bit blocks (Q4_0 / Q4_1 / Q4_K; see gguf_int4); else None."""
+        t = self._by_hf_name().get(name)
+        if t is None or group_size != GROUP or not is_int4_grid(t.qtype) or len(t.shape) != 2:
+            return None
+        rows, cols = t.shape
+        raw = np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return decode_int4_blocks(raw.reshape(rows, t.nbytes // rows), t.qtype, cols)
+
+    def _by_hf_name(self) -> dict[str, TensorInfo]:
+        if not hasattr(self, "_hf_names"):
+            self._hf_names = {hf_name(t.name): t for t in self.tensors}
+        return self._hf_names
+
     def _dequantize(self, t: TensorInfo, row_start: int, row_end: int) -> np.ndarray:
         """float32 rows [row_start, row_end) of tensor t (viewed as rows x last dim), writable."""
         from gguf.constants import GGMLQuantizationType
@@ -336,7 +352,8 @@ class LazyRows:
 def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", quant: QuantConfig | None = None) -> Qwen2ForCausalLM:
     """Build a Qwen2ForCausalLM from a GGUF file, every tensor dequantized to float32 then cast to
-    dtype, or (with `quant`) requantized to our int8/int4 one tensor at a time."""
+    dtype, or (with `quant`) requantized to our int8/int4 one tensor at a time (tensors the file
+    stores in 4-bit blocks are taken into int4 layers as they are: GGUFFile.int4_tensors)."""
     gguf_file = source if isinstance(source, GGUFFile) else GGUFFile(source)
     config = gguf_file.config()
     model = build_empty_model(config)
@@ -347,4 +364,5 @@ def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch
     # float32 copy exists while little else is loaded.
     float32 = frozenset({"lm_head.weight"}) if quant is not None and quant.applies_to("lm_head") else frozenset()
     tensors = gguf_file.iter_dequantized(skip=skip, large_dtype=dtype, float32=float32)
-    return assign_weights(model, tensors, dtype=dtype, device=device, quant=quant)
+    return assign_weights(model, tensors, dtype=dtype, device=device, quant=quant,
+                          exact_int4=gguf_file.int4_tensors)

@@ -127,7 +127,22 @@ def calibrate(pretrained: Pretrained, quant: QuantConfig, calibration: GPTQConfi
     ids_NT = calibration_ids(pretrained.tokenizer.encode, num_samples=calibration.num_samples,
                              seq_len=calibration.seq_len, files=calibration.calibration_files or None,
                              seed=calibration.seed)
-    return gptq_quantize_model(pretrained.model, ids_NT, quant, calibration, progress=progress)
+    return gptq_quantize_model(pretrained.model, ids_NT, quant, calibration, progress=progress,
+                               exact=exact_int4_tensors(pretrained, quant))
+
+
+def exact_int4_tensors(pretrained: Pretrained, quant: QuantConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Portable int4 tensors of the int4 layers that `pretrained`'s GGUF source stores in 4-bit
+    blocks (qwen2.checkpoint.gguf_int4): taken without rounding. Empty for other sources."""
+    path = Path(pretrained.source)
+    if quant.mode != "int4" or path.suffix != ".gguf" or not path.is_file():
+        return {}
+    gguf_file = GGUFFile(path)
+    tied = pretrained.model.config.tie_word_embeddings  # a tied head is the embedding, not output.weight
+    names = [name for name, module in pretrained.model.named_modules()
+             if isinstance(module, torch.nn.Linear) and quant.applies_to(name) and
+             quant.for_module(name).mode == "int4" and not (tied and name == "lm_head")]
+    return {name: t for name in names if (t := gguf_file.int4_tensors(f"{name}.weight", quant.group_size)) is not None}
 
 
 def load_pretrained(name: str | Path | None = None, *, dtype: torch.dtype | None = None,
@@ -184,6 +199,8 @@ def save_pretrained(pretrained: Pretrained, directory: str | Path, *, dtype: tor
     if quant is not None and quant.method == "gptq":
         result = calibrate(pretrained, quant, calibration, progress=progress)
         quant, tensors = result.config, result.tensors
+    elif quant is not None:
+        tensors = exact_int4_tensors(pretrained, quant)  # a GGUF's 4-bit blocks, not rounded again
     save_hf_model(pretrained.model, directory, dtype=dtype, quant=quant, quantized=tensors)
     pretrained.tokenizer.save(directory)
     generation_config = dict(pretrained.generation_config)

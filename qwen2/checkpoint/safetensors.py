@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -49,13 +49,17 @@ def _portable_shapes(out_features: int, in_features: int,
 
 def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.Tensor, str]], *,
                    dtype: torch.dtype, device: torch.device | str, quant: QuantConfig | None = None,
-                   prequantized: bool = False) -> Qwen2ForCausalLM:
+                   prequantized: bool = False,
+                   exact_int4: Callable[[str, int], dict[str, torch.Tensor] | None] | None = None
+                   ) -> Qwen2ForCausalLM:
     """Move (name, tensor, source file) triples into a meta-device model, checking names and shapes.
 
     With `quant`, each linear weight it applies to is quantized the moment it arrives, so the
     float copy of only one tensor exists at a time. `prequantized` checkpoints store those layers as
     portable quantized tensors (`<layer>.qweight`, `.scales`, `.zeros`) instead of `<layer>.weight`;
-    the layers in `quant.int8_modules` are int8 ones.
+    the layers in `quant.int8_modules` are int8 ones. `exact_int4(weight name, group size)` may
+    give the portable int4 tensors of a weight the source already stores on an int4 grid (a GGUF's
+    4-bit blocks): those layers take them instead of being rounded again.
     """
     if quant is not None and quant.method == "gptq" and not prequantized:
         raise ValueError("GPTQ needs the whole float model and calibration text: use load_pretrained or "
@@ -97,7 +101,10 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected floating point")
         if module in targets and kind == "weight" and not prequantized:
-            built[module] = quantize_linear(tensor, quant.for_module(module), dtype)  # the float copy is dropped here
+            layer_quant = quant.for_module(module)
+            exact = exact_int4(name, layer_quant.group_size) if exact_int4 and layer_quant.mode == "int4" else None
+            built[module] = quantized_linear(exact, None, layer_quant, dtype) if exact is not None else \
+                quantize_linear(tensor, layer_quant, dtype)  # the float copy is dropped here
             continue
         if quant is not None and not tied and name == "model.embed_tokens.weight":
             # int8 rows the moment it arrives: the float embedding is the largest tensor
@@ -211,7 +218,7 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
     """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
 
     With `quant`, the layers it applies to are stored as portable quantized tensors: those given in
-    `quantized` (module path -> tensors for every such layer, e.g. from qwen2.model.gptq), else
+    `quantized` (module path -> tensors; every such layer for GPTQ, qwen2.model.gptq), the others
     rounded to nearest here. Files are written to temporary names and renamed, so an interrupted
     save never leaves a half-written file under the final name.
     """
@@ -230,10 +237,9 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and quant.applies_to(name):
                 state.pop(f"{name}.weight", None)
-                if quantized is not None and name not in quantized:
+                if quant.method == "gptq" and name not in quantized:
                     raise ValueError(f"no quantized tensors given for layer {name!r}")
-                pieces = quantized[name] if quantized is not None else quantize_weight(module.weight,
-                                                                                        quant.for_module(name))
+                pieces = (quantized or {}).get(name) or quantize_weight(module.weight, quant.for_module(name))
                 # scales and zeros stay float32: they are small, and rounding them would add error
                 state.update({f"{name}.{kind}": t for kind, t in pieces.items()})
     shards: list[dict[str, torch.Tensor]] = [{}]

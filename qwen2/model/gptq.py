@@ -292,13 +292,18 @@ def _quantize_group(weights: dict[str, torch.Tensor], hessian: torch.Tensor, qua
 
 @torch.no_grad()
 def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tensor, quant: QuantConfig,
-                        gptq: GPTQConfig = GPTQConfig(), *, progress: bool = False) -> GPTQResult:
+                        gptq: GPTQConfig = GPTQConfig(), *, progress: bool = False,
+                        exact: dict[str, dict[str, torch.Tensor]] | None = None) -> GPTQResult:
     """GPTQ portable tensors for every linear layer `quant` applies to, decoder layer by decoder layer.
 
     The model is read, never modified (its float weights, ideally float32, are what GPTQ rounds).
     Each layer runs in a `gptq.calibration_dtype` copy: one pass with float weights collects H for
     its linears, a second pass with the quantized weights produces the next layer's inputs. Peak
     extra memory: the calibration activations (N * T * D, twice) and one layer's copy and Hessians.
+
+    `exact` maps module paths to int4 tensors the source already stores on the int4 grid (a GGUF's
+    4-bit blocks, which dequantize to exactly the float weights given): an int4 layer takes them as
+    they are, since no rounding can be closer to the model than the model itself.
     """
     started = time.perf_counter()
     if calibration_ids_NT.dim() != 2:
@@ -334,7 +339,9 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
         for group in groups:
             H = hooks.hessians[group[0]] / (N * T)
             weights = {prefix + n: layer.get_submodule(n).weight for n in group}
-            for full, pieces in _quantize_group(weights, H, quant, gptq).items():
+            given = {n: exact[n] for n in weights if exact and n in exact and quant.for_module(n).mode == "int4"}
+            solved = _quantize_group({n: w for n, w in weights.items() if n not in given}, H, quant, gptq)
+            for full, pieces in (solved | given).items():
                 tensors[full] = pieces
                 deq = dequantize_weight(pieces, quant.for_module(full))
                 errors[full] = relative_output_error(weights[full], deq, H)
