@@ -243,6 +243,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from qwen2.data.readers import expand_paths, iter_documents
+    from qwen2.tokenizer.trainer import CONTROL_TOKENS, TrainerConfig, train_tokenizer
+
+    started = time.perf_counter()
+    files = expand_paths(args.input)  # every path checked before minutes of training
+    config = TrainerConfig(vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                           control_tokens=CONTROL_TOKENS + tuple(args.extra_token or ()),
+                           show_progress=sys.stderr.isatty())
+    stats = {"documents": 0, "characters": 0}
+
+    def texts():
+        for document in iter_documents(files):
+            stats["documents"] += 1
+            stats["characters"] += len(document.text)
+            yield document.text
+
+    tokenizer = train_tokenizer(texts(), config)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out}: {tokenizer.vocab_size} tokens ({tokenizer.vocab_size - len(config.control_tokens)} "
+          f"regular + {len(config.control_tokens)} control) learned from {stats['documents']} documents "
+          f"({stats['characters'] / 1e6:.1f} M characters, {len(files)} files) in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -300,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(by their measured error on the calibration text)")
     p.add_argument("--int8-lm-head", action="store_true", help="int4: keep the LM head at int8")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="action", required=True)
+    p = tsub.add_parser("train", help="learn a byte-level BPE vocabulary (Qwen2's pipeline) from text / JSONL files")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt/.md files (one document each), .jsonl[.gz] ({'text': ...} per line) or directories")
+    p.add_argument("--vocab-size", type=int, required=True, help="tokens in all, control tokens included")
+    p.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.json, merges.txt, tokenizer_config.json")
+    p.add_argument("--min-frequency", type=int, default=2, help="pairs seen fewer times are never merged")
+    p.add_argument("--extra-token", action="append", metavar="TOKEN",
+                   help="another control token after <|endoftext|>, <|im_start|>, <|im_end|> (repeatable)")
+    p.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Data: reading documents, tokenizing and packing them into token shards for training."""
