@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 DEMO_PROMPT = "Write a Python function is_prime(n) that checks whether n is prime."
@@ -269,6 +270,25 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from qwen2.checkpoint.loader import load_tokenizer
+    from qwen2.data.readers import expand_paths, iter_documents
+    from qwen2.data.shards import TokenShard, pack_documents
+
+    started = time.perf_counter()
+    files = expand_paths(args.input)
+    tokenizer = load_tokenizer(Path(args.tokenizer))
+    written = pack_documents(iter_documents(files), tokenizer, args.out, name=args.name,
+                             val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                             progress=sys.stderr.isatty())
+    for split, sidecars in written.items():
+        shards = [TokenShard.open(p) for p in sidecars]
+        print(f"{split}: {sum(s.num_tokens for s in shards):,} tokens, {sum(len(s.doc_starts) for s in shards):,} "
+              f"documents in {len(shards)} shard(s) under {Path(args.out) / split}", file=sys.stderr)
+    print(f"packed {len(files)} files in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -338,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-token", action="append", metavar="TOKEN",
                    help="another control token after <|endoftext|>, <|im_start|>, <|im_end|> (repeatable)")
     p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="action", required=True)
+    p = dsub.add_parser("pack", help="tokenize documents into token shards (train/ and val/) for pre-training")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.md/.jsonl[.gz] files or directories")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer or model directory, or a .gguf file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default="shard", help="shard file name prefix")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of documents (chosen by a hash of their id) written to val/")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
+    p.set_defaults(func=cmd_data_pack)
     return parser
 
 

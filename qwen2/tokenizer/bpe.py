@@ -16,6 +16,7 @@ Contracts worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -264,6 +265,16 @@ class Tokenizer:
             if token is not None and token.id not in stops:
                 stops.append(token.id)
         return tuple(stops)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids (regular tokens, merges, added tokens): token shards record
+        it, so training refuses data tokenized with a different vocabulary."""
+        if not hasattr(self, "_fingerprint"):
+            canonical = json.dumps([self._vocab.tokens, self._vocab.merges,
+                                    [(t.id, t.content, t.special) for t in self._vocab.added]], ensure_ascii=False)
+            self._fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return self._fingerprint
 
     @property
     def chat_template(self) -> str | None:
