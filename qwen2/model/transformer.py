@@ -15,6 +15,7 @@ from torch import nn
 from qwen2.config import Qwen2Config
 from qwen2.model.attention import Attention
 from qwen2.model.kv_cache import KVCache
+from qwen2.model.loss import chunked_cross_entropy
 from qwen2.model.mlp import MLP
 from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import rope_cos_sin, rope_parameters
@@ -51,7 +52,8 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask(*, past: int | torch.Tensor, num_new: int, key_valid_BS: torch.Tensor | None,
-                   sliding_window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+                   sliding_window: int | None, device: torch.device,
+                   document_ids_BT: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
     """Boolean SDPA mask (True = may attend) of shape (B|1, 1, T, S), or None plus an is_causal flag.
 
     `past` is the number of cached slots before the new tokens: one int for the whole batch (static
@@ -61,11 +63,16 @@ def attention_mask(*, past: int | torch.Tensor, num_new: int, key_valid_BS: torc
     always sees itself, so a padding query never has an empty row (which would give NaN); real
     queries are unaffected because their own slot is valid. Returns (None, ...) when SDPA's
     built-in causal path is exact.
+
+    `document_ids_BT` (training on packed sequences, no cache): a query sees only keys of its own
+    document, so packed documents never attend to each other.
     """
+    if document_ids_BT is not None and not (isinstance(past, int) and past == 0):
+        raise ValueError("document-aware attention is for whole packed sequences, not cached decoding")
     per_row = isinstance(past, torch.Tensor)
     S = (int(past.max()) if per_row else past) + num_new
     window_matters = sliding_window is not None and S > sliding_window
-    if key_valid_BS is None and not window_matters and not per_row:
+    if key_valid_BS is None and not window_matters and not per_row and document_ids_BT is None:
         if num_new == 1:
             return None, False  # one query sees every cached key
         if past == 0:
@@ -76,11 +83,23 @@ def attention_mask(*, past: int | torch.Tensor, num_new: int, key_valid_BS: torc
     allowed_BTS = key_pos_11S <= query_pos_BT1
     if window_matters:
         allowed_BTS = allowed_BTS & (query_pos_BT1 - key_pos_11S < sliding_window)
+    if document_ids_BT is not None:
+        allowed_BTS = allowed_BTS & (document_ids_BT[:, :, None] == document_ids_BT[:, None, :]).to(device)
     mask_B1TS = allowed_BTS[:, None]
     if key_valid_BS is not None:
         mask_B1TS = mask_B1TS & key_valid_BS[:, None, None, :S].bool()
         mask_B1TS = mask_B1TS | (key_pos_11S == query_pos_BT1)[:, None]
     return mask_B1TS, False
+
+
+def document_positions(document_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document: 0 where the document id changes, then counting."""
+    B, T = document_ids_BT.shape
+    index_BT = torch.arange(T, device=document_ids_BT.device).expand(B, T)
+    starts_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+    start_index_BT = torch.where(starts_BT, index_BT, torch.zeros_like(index_BT)).cummax(dim=1).values
+    return index_BT - start_index_BT
 
 
 class Qwen2Model(nn.Module):
@@ -96,12 +115,15 @@ class Qwen2Model(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
                 attention_mask_BS: torch.Tensor | None = None,
-                kv_cache: KVCache | PagedBatch | None = None) -> torch.Tensor:
+                kv_cache: KVCache | PagedBatch | None = None,
+                document_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D).
 
         attention_mask_BS: 1 for real tokens, 0 for padding, covering cached + new positions
         (Hugging Face convention). positions_BT default: for padded batches, each row counts
-        its own real tokens (left padding); otherwise past + arange(T).
+        its own real tokens (left padding); with document_ids_BT (packed training sequences),
+        positions restart at 0 where each document starts and attention stays within documents;
+        otherwise past + arange(T).
         """
         B, T = input_ids_BT.shape
         device = input_ids_BT.device
@@ -116,6 +138,8 @@ class Qwen2Model(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}, expected {(B, past + T)}")
             if bool(attention_mask_BS.all()):
                 attention_mask_BS = None  # no padding: take the fast mask-free path
+        if positions_BT is None and document_ids_BT is not None:
+            positions_BT = document_positions(document_ids_BT)
         if positions_BT is None:
             if attention_mask_BS is not None:
                 positions_BT = (attention_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -125,11 +149,12 @@ class Qwen2Model(nn.Module):
         x_BTD = self.embed_tokens(input_ids_BT)
         cos_BTC, sin_BTC = rope_cos_sin(positions_BT, self.inv_freq, self.attention_scaling, x_BTD.dtype)
         full_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS, sliding_window=None,
-                                   device=device)
+                                   device=device, document_ids_BT=document_ids_BT)
         sliding_mask = full_mask
         if any(layer.is_sliding for layer in self.layers):
             sliding_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS,
-                                          sliding_window=self.config.sliding_window, device=device)
+                                          sliding_window=self.config.sliding_window, device=device,
+                                          document_ids_BT=document_ids_BT)
         for layer in self.layers:
             mask_B1TS, is_causal = sliding_mask if layer.is_sliding else full_mask
             x_BTD = layer(x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
@@ -156,14 +181,23 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
                 attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | PagedBatch | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, document_ids_BT: torch.Tensor | None = None,
+                labels_BT: torch.Tensor | None = None, loss_chunk: int = 1024) -> torch.Tensor:
         """Logits (B, T, V), or (B, logits_to_keep, V) for the last positions only (0 = all).
 
         Generation keeps only the last position: the LM head over 150k rows is the single
         largest matmul, so skipping it for prompt tokens saves both time and memory.
+
+        With `labels_BT` (training; the target of each position, already shifted, -100 = none):
+        the summed cross-entropy instead, through qwen2.train.losses.chunked_cross_entropy, so the
+        (tokens x vocab) logits never exist whole. It is a sum, for the caller to divide by the
+        number of loss tokens in its whole batch.
         """
         h_BTD = self.model(input_ids_BT, positions_BT=positions_BT, attention_mask_BS=attention_mask_BS,
-                           kv_cache=kv_cache)
+                           kv_cache=kv_cache, document_ids_BT=document_ids_BT)
+        if labels_BT is not None:
+            return chunked_cross_entropy(h_BTD.reshape(-1, h_BTD.shape[-1]), self.lm_head.weight,
+                                         labels_BT.reshape(-1), chunk=loss_chunk)
         if logits_to_keep:
             h_BTD = h_BTD[:, -logits_to_keep:]
         return self.lm_head(h_BTD)
