@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README): `make demo` and `make test`.
-# Both create .venv, install torch==2.13.0 first, then the package with its test and demo extras.
+# Both create .venv, install torch==2.13.0 first, then the package with its test, demo and train extras.
 # On this project's machines pip finds a CPU build of torch 2.13.0 on local disk; elsewhere plain
 # PyPI serves a multi-GB CUDA build, so pass TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu
 # for a CPU-only machine.
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_INDEX)
-	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	$(BIN)/python -m pip install -q -e '.[test,demo,train]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -289,6 +289,21 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_pretrain(args: argparse.Namespace) -> int:
+    from qwen2.train.pretrain import run
+    from qwen2.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    summary = run(recipe, out, progress=sys.stderr.isatty() or args.progress)
+    if summary.val_loss is not None:
+        baseline = f", unigram baseline {summary.unigram_loss:.4f}" if summary.unigram_loss is not None else ""
+        print(f"validation loss {summary.val_loss:.4f} nats/token{baseline}", file=sys.stderr)
+    print(f"trained {summary.steps} steps ({summary.tokens:,} tokens) in {summary.seconds:.0f} s; "
+          f"model in {out / 'model'}, metrics and plots in {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -370,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of documents (chosen by a hash of their id) written to val/")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
     p.set_defaults(func=cmd_data_pack)
+
+    p = sub.add_parser("train", help="training stages, each driven by a TOML recipe")
+    trsub = p.add_subparsers(dest="action", required=True)
+    p = trsub.add_parser("pretrain", help="pre-train in stages (general -> high quality -> long context); resumes")
+    p.add_argument("--recipe", required=True, help="a TOML recipe (see recipes/)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>); an existing run resumes")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    p.set_defaults(func=cmd_train_pretrain)
     return parser
 
 
@@ -381,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, DemoWeightsError, ValueError, OSError) as e:
+    except (CheckpointError, ConfigError, DemoWeightsError, ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("QWEN2_DEBUG"):
             raise
         print(f"qwen2 {args.verb}: error: {e}", file=sys.stderr)

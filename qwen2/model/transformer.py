@@ -9,7 +9,10 @@ Shape legend: B batch, T new tokens, S cached + new positions, D hidden size, V 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from qwen2.config import Qwen2Config
@@ -112,6 +115,7 @@ class Qwen2Model(nn.Module):
         # RoPE frequencies are derived from the config, never loaded, so they are plain attributes
         # (not buffers): meta-device construction and state-dict loading cannot disturb them.
         self.inv_freq, self.attention_scaling = rope_parameters(config)
+        self.gradient_checkpointing = False  # training: recompute layer activations in backward
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
                 attention_mask_BS: torch.Tensor | None = None,
@@ -157,7 +161,12 @@ class Qwen2Model(nn.Module):
                                           document_ids_BT=document_ids_BT)
         for layer in self.layers:
             mask_B1TS, is_causal = sliding_mask if layer.is_sliding else full_mask
-            x_BTD = layer(x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: keep only each layer's input; recompute the rest in backward.
+                x_BTD = torch.utils.checkpoint.checkpoint(layer, x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS,
+                                                          is_causal=is_causal, kv_cache=None, use_reentrant=False)
+            else:
+                x_BTD = layer(x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)  # the one place the cache moves forward
         return self.norm(x_BTD)
@@ -170,6 +179,15 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+
+    def set_context(self, *, rope_theta: float | None = None, max_position_embeddings: int | None = None) -> None:
+        """Change the RoPE base and / or the trained context length (the long-context stage of
+        pre-training raises both); the config, and so a saved config.json, records the new values."""
+        changes = {k: v for k, v in (("rope_theta", rope_theta), ("max_position_embeddings", max_position_embeddings))
+                   if v is not None}
+        config = dataclasses.replace(self.config, **changes)  # validated again in __post_init__
+        self.config = self.model.config = config
+        self.model.inv_freq, self.model.attention_scaling = rope_parameters(config)
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when the config says so (small Qwen2 sizes).

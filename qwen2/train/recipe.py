@@ -1,0 +1,190 @@
+"""Training recipes: one TOML file describes a whole run (model, tokenizer, data, optimizer, stages).
+
+Every table is a dataclass; unknown keys and wrong types are errors naming the key, since a typo in
+a recipe would otherwise silently train something else. Paths are relative to the recipe file;
+"{out}" in a path is the run directory. See recipes/ for examples and docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen2.train.schedule import SCHEDULES
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run as written; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str | None = None  # a qwen2.config.PRESETS name to start from
+    init: str | None = None  # or a model to continue from (directory, .gguf, hub id)
+    overrides: dict[str, Any] = field(default_factory=dict)  # config.json fields (hidden_size, ...)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    path: str | None = None  # a tokenizer directory; or learn one from the corpus:
+    train_vocab_size: int | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    sources: dict[str, str] = field(default_factory=dict)  # name -> token-shard directory
+    val: str | None = None  # validation shards
+    corpus: str | None = None  # a built-in corpus to download and pack first ("shakespeare")
+    val_fraction: float = 0.05  # for the built-in corpus
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd only
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"  # autocast dtype ("float32": no autocast)
+    activation_checkpointing: bool = False
+    loss_chunk: int = 1024  # rows of logits at a time in the cross-entropy
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    steps: int
+    mixture: dict[str, float] = field(default_factory=dict)  # default: every source alike
+    mixture_end: dict[str, float] | None = None  # if given, weights move linearly to these over the stage
+    seq_len: int | None = None  # default: train.seq_len
+    micro_batch_size: int | None = None  # default: train.micro_batch_size (longer sequences: fewer rows)
+    rope_theta: float | None = None  # the long-context stage raises these
+    max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path
+    seed: int
+    model: ModelSpec
+    tokenizer: TokenizerSpec
+    data: DataSpec
+    train: TrainSpec
+    stages: tuple[StageSpec, ...]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def resolve(self, value: str, out: Path) -> Path:
+        path = Path(value.replace("{out}", str(out)))
+        return path if path.is_absolute() else self.path.parent / path
+
+    def stage_at(self, step: int) -> tuple[StageSpec, int]:
+        """The stage optimizer step `step` belongs to, and how far into it (0-based)."""
+        start = 0
+        for stage in self.stages:
+            if step < start + stage.steps:
+                return stage, step - start
+            start += stage.steps
+        return self.stages[-1], self.stages[-1].steps - 1
+
+
+def _build(cls: type, data: Any, where: str, **extra: Any) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a table, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(n for n in names if n not in extra)}")
+    for key, value in data.items():
+        expected = names[key].type
+        if not _type_ok(value, str(expected)):
+            raise RecipeError(f"{where}.{key}: {value!r} is not {expected}")
+    try:
+        return cls(**data, **extra)
+    except TypeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+_KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a TOML value fits a field's annotation (a string: "int", "str | None", "dict[str, float]")."""
+    options = [option.strip().split("[")[0] for option in annotation.split("|")]
+    if value is None:
+        return "None" in options
+    if isinstance(value, bool):
+        return "bool" in options
+    return any(isinstance(value, _KINDS[o]) for o in options if o in _KINDS)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    where = str(path)
+    known = {"name", "seed", "model", "tokenizer", "data", "train", "stage"}
+    if unknown := sorted(set(raw) - known):
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    model_raw = dict(raw.get("model", {}))
+    model = ModelSpec(preset=model_raw.pop("preset", None), init=model_raw.pop("init", None), overrides=model_raw)
+    stages_raw = raw.get("stage", [])
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError(f"{where}: at least one [[stage]] with a name and steps is needed")
+    stages = tuple(_build(StageSpec, s, f"{where}: stage {i + 1}") for i, s in enumerate(stages_raw))
+    train = _build(TrainSpec, raw.get("train", {}), f"{where}: [train]")
+    data = _build(DataSpec, raw.get("data", {}), f"{where}: [data]")
+    recipe = Recipe(name=str(raw.get("name", path.stem)), path=path.resolve(), seed=int(raw.get("seed", 0)),
+                    model=model, tokenizer=_build(TokenizerSpec, raw.get("tokenizer", {}), f"{where}: [tokenizer]"),
+                    data=data, train=train, stages=stages)
+    _check(recipe, where)
+    return recipe
+
+
+def _check(recipe: Recipe, where: str) -> None:
+    t = recipe.train
+    for key in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise RecipeError(f"{where}: [train] {key} must be at least 1 (got {getattr(t, key)})")
+    if t.schedule not in SCHEDULES:
+        raise RecipeError(f"{where}: [train] schedule must be one of {SCHEDULES} (got {t.schedule!r})")
+    if t.dtype not in ("bfloat16", "float32"):
+        raise RecipeError(f"{where}: [train] dtype must be bfloat16 or float32 (got {t.dtype!r})")
+    if not (recipe.model.preset or recipe.model.init):
+        raise RecipeError(f"{where}: [model] needs a preset (plus overrides) or init = a model to continue from")
+    if not (recipe.tokenizer.path or recipe.tokenizer.train_vocab_size or recipe.model.init):
+        raise RecipeError(f"{where}: [tokenizer] needs path = a tokenizer directory, or train_vocab_size")
+    if not (recipe.data.sources or recipe.data.corpus):
+        raise RecipeError(f"{where}: [data] needs sources = {{name = shard directory}} or a corpus")
+    for i, stage in enumerate(recipe.stages, 1):
+        if stage.steps < 1:
+            raise RecipeError(f"{where}: stage {i} ({stage.name}) needs steps >= 1")
+        names = set(stage.mixture) | set(stage.mixture_end or {})
+        known = set(recipe.data.sources) or {"corpus"}
+        if names - known:
+            raise RecipeError(f"{where}: stage {i} ({stage.name}) mixes unknown sources {sorted(names - known)}; "
+                              f"the sources are {sorted(known)}")
