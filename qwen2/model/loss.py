@@ -26,22 +26,32 @@ def _chunked_loss_and_grads(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_
     for start in range(0, h_ND.shape[0], chunk):
         labels = labels_N[start:start + chunk]
         valid = labels != IGNORE_INDEX
-        if not bool(valid.any()):
+        all_valid = bool(valid.all())
+        if not all_valid and not bool(valid.any()):
             continue
         h = h_ND[start:start + chunk].to(compute_dtype)
-        logits = (h @ w.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
+        rows = torch.arange(len(labels), device=h.device)
         safe = labels.clamp(min=0)
-        loss += ((lse - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
+        # In place wherever possible: each pass over (chunk x vocab) float32 costs as much as a small matmul.
+        logits = (h @ w.t()).float()
+        target = logits[rows, safe]
+        peak = logits.amax(dim=-1)
+        probs = logits.sub_(peak[:, None]).exp_()  # the logits buffer becomes exp(logits - max)
+        total = probs.sum(dim=-1)
+        row_loss = total.log() + peak - target  # logsumexp - target
+        loss += row_loss.sum() if all_valid else (row_loss * valid).sum()
         if need_h or need_w:
             # d(sum of losses) / d(logits) = softmax - one-hot(label), on valid rows only
-            grad = torch.exp(logits - lse[:, None])
-            grad[torch.arange(len(labels), device=grad.device), safe] -= 1
-            grad = (grad * valid[:, None]).to(compute_dtype)
+            grad = probs.mul_((1 / total if all_valid else valid / total)[:, None])
+            grad[rows, safe] -= 1 if all_valid else valid.float()
+            grad = grad.to(compute_dtype)
             if need_h:
                 grad_h[start:start + chunk] = (grad @ w).float()
             if need_w:
-                grad_w += (grad.t() @ h).float()
+                if grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)  # no (vocab x hidden) temporary
+                else:
+                    grad_w += (grad.t() @ h).float()
     return loss, grad_h, grad_w
 
 
@@ -57,21 +67,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        # Scaled in place: a second float32 copy of the head's gradient (545 MB for Qwen2-0.5B) is
+        # the largest thing this loss could allocate. So a second backward through it is refused.
+        if getattr(ctx, "used", False):
+            raise RuntimeError("chunked_cross_entropy: backward twice through one loss (retain_graph) is not supported")
+        ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (None if grad_h is None else (grad_h * grad_loss).to(h_dtype),
-                None if grad_w is None else (grad_w * grad_loss).to(w_dtype), None, None, None)
+        return (None if grad_h is None else grad_h.mul_(grad_loss).to(h_dtype),
+                None if grad_w is None else grad_w.mul_(grad_loss).to(w_dtype), None, None, None)
+
+
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in float32 (441 rows of Qwen2's vocabulary)
 
 
 def chunked_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, *,
-                          chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          chunk: int | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum over positions of -log softmax(h @ W.T)[label] (labels == IGNORE_INDEX skipped), float32.
 
     `compute_dtype` is the matmul dtype (default: the autocast dtype when autocast is on, else h's);
-    the softmax is always float32. Returns a sum, so a training step can divide by the number of
+    the softmax is always float32. `chunk` rows at a time (default: CHUNK_ELEMENTS logits). Returns a sum, so a training step can divide by the number of
     loss tokens in the whole (accumulated, distributed) batch."""
     if h_ND.dim() != 2 or labels_N.shape != h_ND.shape[:1]:
         raise ValueError(f"expected hidden (N, D) and labels (N,); got {tuple(h_ND.shape)} and {tuple(labels_N.shape)}")
+    if chunk is None:
+        chunk = max(16, CHUNK_ELEMENTS // weight_VD.shape[0])
     if compute_dtype is None:
         device = h_ND.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_ND.dtype

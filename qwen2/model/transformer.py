@@ -200,7 +200,7 @@ class Qwen2ForCausalLM(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
                 attention_mask_BS: torch.Tensor | None = None, kv_cache: KVCache | PagedBatch | None = None,
                 logits_to_keep: int = 0, document_ids_BT: torch.Tensor | None = None,
-                labels_BT: torch.Tensor | None = None, loss_chunk: int = 1024) -> torch.Tensor:
+                labels_BT: torch.Tensor | None = None, loss_chunk: int | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, logits_to_keep, V) for the last positions only (0 = all).
 
         Generation keeps only the last position: the LM head over 150k rows is the single

@@ -235,6 +235,9 @@ def run(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: i
     model = Qwen2ForCausalLM(config)
     model.init_weights(seed=recipe.seed)
     model.model.gradient_checkpointing = t.activation_checkpointing
+    if t.compile:
+        for layer in model.model.layers:  # identical layers: one compilation serves them all
+            layer.compile()
     optimizer = make_optimizer(model, recipe)
     loader = MixtureLoader(sources, seed=recipe.seed)
 

@@ -58,7 +58,8 @@ class TrainSpec:
     grad_clip: float = 1.0
     dtype: str = "bfloat16"  # autocast dtype ("float32": no autocast)
     activation_checkpointing: bool = False
-    loss_chunk: int = 1024  # rows of logits at a time in the cross-entropy
+    compile: bool = False  # torch.compile each decoder layer (inductor fuses the elementwise ops)
+    loss_chunk: int | None = None  # rows of logits at a time in the cross-entropy (None: ~256 MB of them)
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 100
