@@ -304,6 +304,30 @@ def cmd_train_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_finetune(args: argparse.Namespace) -> int:
+    from qwen2.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    progress = sys.stderr.isatty() or args.progress
+    if args.action == "sft":
+        from qwen2.train.sft import run_sft
+
+        result = run_sft(recipe, out, progress=progress)
+        if result["eval"]:
+            print(f"validation loss {result['eval']['val_loss']:.4f} on assistant tokens", file=sys.stderr)
+    else:
+        from qwen2.train.dpo import run_dpo
+
+        result = run_dpo(recipe, out, progress=progress)
+        before = result["accuracy_before"]
+        print(f"preference accuracy on the training pairs: {'-' if before is None else f'{before:.3f}'} before, "
+              f"{result['accuracy_after']:.3f} after", file=sys.stderr)
+    print(f"trained {result['steps']} steps ({result['trainable'] / 1e6:.2f}M trainable parameters) in "
+          f"{result['seconds']:.0f} s; model in {result['model']}, metrics and plots in {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2", description="The Qwen2 system: run, convert and (soon) train models.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -393,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>); an existing run resumes")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     p.set_defaults(func=cmd_train_pretrain)
+    for action, text in (("sft", "supervised fine-tuning on ChatML conversations (loss on assistant tokens)"),
+                         ("dpo", "offline DPO on preference pairs")):
+        p = trsub.add_parser(action, help=text + "; [lora] in the recipe trains adapters only; resumes")
+        p.add_argument("--recipe", required=True, help="a TOML recipe (see recipes/)")
+        p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+        p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+        p.set_defaults(func=cmd_train_finetune)
     return parser
 
 

@@ -73,8 +73,19 @@ def read_file(path: Path) -> Iterator[Document]:
             raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
         yield Document(id=str(path), text=text, source=str(path))
         return
+    for where, obj in iter_jsonl(path):
+        yield _document(obj, where)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a .jsonl[.gz] file; anything else is a
+    DataError naming the line (invalid UTF-8, not JSON, not an object)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as raw:
+    try:
+        raw = opener(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with raw:
         for number, line in enumerate(raw, 1):
             if not line.strip():
                 continue
@@ -85,7 +96,9 @@ def read_file(path: Path) -> Iterator[Document]:
                 raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield _document(obj, where)
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
 
 
 def _document(obj: Any, where: str) -> Document:

@@ -1,7 +1,8 @@
 """Training checkpoints: written whole or not at all, the last N kept, resumed exactly.
 
 `<run>/checkpoints/step_00000120/` holds config.json + model.safetensors (a Hugging Face model
-directory: `qwen2 generate --model` and transformers load it as is), optimizer.pt (AdamW moments and
+directory: `qwen2 generate --model` and transformers load it as is; a LoRA run saves only its
+adapters, adapters.safetensors), optimizer.pt (AdamW moments and
 the torch RNG state) and trainer_state.json (step, data-loader position, metrics so far). Everything
 is written into `.step_00000120.tmp/`, flushed, and renamed: a process killed at any moment leaves
 either the complete directory or a .tmp that the next run deletes, never a half checkpoint under a
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qwen2.checkpoint.safetensors import CheckpointError, save_hf_model
 from qwen2.model import Qwen2ForCausalLM
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
+ADAPTERS = "adapters.safetensors"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -55,7 +57,12 @@ def save_checkpoint(run_dir: Path, step: int, model: Qwen2ForCausalLM, optimizer
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_hf_model(model, tmp, dtype=torch.float32)
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if len(trainable) < len(list(model.parameters())):
+        # Adapters (LoRA): only what trains is saved; the frozen base is the recipe's init model.
+        save_file(trainable, tmp / ADAPTERS)
+    else:
+        save_hf_model(model, tmp, dtype=torch.float32)
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     for file in tmp.iterdir():
@@ -75,17 +82,26 @@ def save_checkpoint(run_dir: Path, step: int, model: Qwen2ForCausalLM, optimizer
 def load_checkpoint(path: Path, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model weights (strictly: every name and shape), optimizer and torch RNG; return the
     trainer state. The model's config (rope_theta etc.) must already be the checkpoint's."""
+    adapters = (path / ADAPTERS).is_file()
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        weights = load_file(path / "model.safetensors")
+        weights = load_file(path / (ADAPTERS if adapters else "model.safetensors"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
-    if model.config.tie_word_embeddings:
+    if adapters:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != trainable:
+            raise CheckpointError(f"{path}: its adapters do not fit the model ({len(weights)} tensors saved, "
+                                  f"{len(trainable)} trainable; different LoRA settings?)")
+        model.load_state_dict(weights, strict=False)
+    elif model.config.tie_word_embeddings:
         weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
+    if not adapters:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        model.tie_weights()
     if optimizer is not None:
         saved = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only, no pickled code
         optimizer.load_state_dict(saved["optimizer"])

@@ -25,9 +25,9 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     for r, prev in zip(train[1:], train):
-        if r["stage"] != prev["stage"]:
+        if r.get("stage") != prev.get("stage"):
             ax.axvline(prev["step"], color="grey", lw=0.5)
-            ax.text(prev["step"], ax.get_ylim()[1], f" {r['stage']}", va="top", fontsize=8)
+            ax.text(prev["step"], ax.get_ylim()[1], f" {r.get('stage')}", va="top", fontsize=8)
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     ax.legend()
     fig.tight_layout()
@@ -35,8 +35,9 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
     written.append(out_dir / "loss.png")
     plt.close(fig)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, key in zip(axes, ("lr", "grad_norm", "tokens_per_s")):
-        ax.plot([r["step"] for r in train], [r[key] for r in train])
+    rate = next((k for k in (train[0] if train else {}) if k.endswith("_per_s")), "tokens_per_s")
+    for ax, key in zip(axes, ("lr", "grad_norm", rate)):
+        ax.plot([r["step"] for r in train], [r.get(key, float("nan")) for r in train])
         ax.set(xlabel="step", title=key)
     fig.tight_layout()
     fig.savefig(out_dir / "training.png", dpi=100)

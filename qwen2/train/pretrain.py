@@ -18,11 +18,8 @@ Face directory with the tokenizer).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +31,10 @@ from qwen2.config import PRESETS, Qwen2Config
 from qwen2.data.shards import TokenShard, find_shards
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.tokenizer import Tokenizer
-from qwen2.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from qwen2.train.data import Batch, MixtureLoader, epochs_seen, validation_batches
-from qwen2.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from qwen2.train.distributed import DistEnv, barrier, init_distributed
+from qwen2.train.loop import autocast_for, make_optimizer, resume, train
 from qwen2.train.recipe import Recipe, StageSpec
-from qwen2.train.schedule import learning_rate
 
 
 @dataclass
@@ -124,17 +120,6 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> Qwen2Config:
         raise ValueError(f"[model]: {e}") from None
 
 
-def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    t = recipe.train
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)  # norms and biases are not decayed
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-
-
 def flops_per_token(config: Qwen2Config, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (non-embedding parameters + LM head) + attention (PaLM's 12 L H Q T / 2
     for a causal mask is not subtracted: the usual convention)."""
@@ -142,18 +127,6 @@ def flops_per_token(config: Qwen2Config, seq_len: int) -> float:
     kv = config.num_key_value_heads * config.dim_per_head
     per_layer = D * D + 2 * D * kv + D * D + 3 * D * F
     return 6 * (L * per_layer + D * config.vocab_size) + 12 * L * D * seq_len
-
-
-def measured_peak_flops(dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """This machine's matmul throughput (the denominator of MFU): a square GEMM timed for ~`seconds`."""
-    a = torch.randn(1024, 1024, dtype=dtype)
-    b = torch.randn(1024, 1024, dtype=dtype)
-    a @ b
-    n, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - started)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,28 +170,76 @@ def unigram_loss(train: list[TokenShard], val_batches: list[Batch], vocab_size: 
     return float(-logp[labels].mean())
 
 
-class MetricsLog:
-    """metrics.jsonl, append-only; on resume the records after the checkpoint's step are dropped,
-    so the file reads as one uninterrupted run."""
+class PretrainTask:
+    """Packed windows from the mixture loader, stage by stage (qwen2.train.loop.Task)."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    def __init__(self, recipe: Recipe, loader: MixtureLoader, val_shards: list[TokenShard], autocast: Any) -> None:
+        self.recipe, self.loader, self.val_shards, self.autocast = recipe, loader, val_shards, autocast
+        self.current: StageSpec | None = None
+        self._val: dict[int, list[Batch]] = {}
 
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+    def seq_len(self, stage: StageSpec) -> int:
+        return stage.seq_len or self.recipe.train.seq_len
+
+    def prepare_step(self, model: Qwen2ForCausalLM, step: int) -> None:
+        stage = self.recipe.stage_at(step)[0]
+        if stage is not self.current:
+            _enter_stage(model, stage)
+            self.current = stage
+
+    def batches(self, step: int, env: DistEnv) -> list[Batch]:
+        t = self.recipe.train
+        stage, into = self.recipe.stage_at(step)
+        micro = stage.micro_batch_size or t.micro_batch_size
+        batch = self.loader.next_batch(micro * t.grad_accum * env.world_size, self.seq_len(stage),
+                                       _mixture(stage, into, self.loader.names), rank=env.rank,
+                                       world_size=env.world_size)
+        return [Batch(batch.input_ids_BT[i:i + micro], batch.labels_BT[i:i + micro],
+                      batch.document_ids_BT[i:i + micro], batch.sources[i:i + micro])
+                for i in range(0, len(batch.sources), micro)]
+
+    def count(self, micro: Batch) -> float:
+        return float(micro.num_tokens)  # every position has a label in pre-training
+
+    def loss(self, model: torch.nn.Module, micro: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return model(micro.input_ids_BT, document_ids_BT=micro.document_ids_BT, labels_BT=micro.labels_BT,
+                     loss_chunk=self.recipe.train.loss_chunk), {}
+
+    def val_batches(self, seq_len: int) -> list[Batch]:
+        if seq_len not in self._val and self.val_shards:
+            t = self.recipe.train
+            self._val[seq_len] = validation_batches(self.val_shards, batch_size=t.micro_batch_size, seq_len=seq_len,
+                                                    max_batches=t.eval_batches)
+        return self._val.get(seq_len, [])
+
+    def should_evaluate(self, step: int) -> bool:
+        stage_ends = self.recipe.stage_at(step)[0] is not self.recipe.stage_at(step - 1)[0]
+        return bool(self.val_shards) and (step % self.recipe.train.eval_every == 0 or stage_ends)
+
+    def evaluate(self, model: Qwen2ForCausalLM, step: int) -> dict[str, float]:
+        if not self.val_shards:
+            return {}
+        loss = evaluate(model, self.val_batches(self.seq_len(self.recipe.stage_at(step - 1)[0])), self.autocast,
+                        self.recipe.train.loss_chunk)
+        return {"val_loss": loss, "val_ppl": math.exp(loss)}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        stage = self.recipe.stage_at(step)[0]
+        return {"stage": stage.name, "seq_len": self.seq_len(stage), "epochs": epochs_seen(self.loader)}
+
+    def flops_per_unit(self, model: Qwen2ForCausalLM) -> float:
+        return flops_per_token(model.config, self.seq_len(self.current or self.recipe.stages[0]))
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
 
 
 def run(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> Summary:
     """Train (or resume) the recipe's run in `out`. `stop_after` ends early after that many steps
     in this call (tests: a run interrupted and resumed must continue identically)."""
-    from tqdm import tqdm
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = init_distributed()
@@ -231,117 +252,32 @@ def run(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: i
     val_shards = [TokenShard.open(p, fingerprint=fingerprint) for p in val_paths]
 
     torch.manual_seed(recipe.seed)
-    config = model_config(recipe, tokenizer)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(model_config(recipe, tokenizer))
     model.init_weights(seed=recipe.seed)
     model.model.gradient_checkpointing = t.activation_checkpointing
     if t.compile:
         for layer in model.model.layers:  # identical layers: one compilation serves them all
             layer.compile()
     optimizer = make_optimizer(model, recipe)
-    loader = MixtureLoader(sources, seed=recipe.seed)
+    task = PretrainTask(recipe, MixtureLoader(sources, seed=recipe.seed), val_shards, autocast_for(recipe))
 
-    step, tokens_seen = 0, 0
-    latest = latest_checkpoint(out)
-    if latest is not None:
-        state = json.loads((latest / "trainer_state.json").read_text(encoding="utf-8"))
-        for stage in recipe.stages[:recipe.stages.index(recipe.stage_at(state["step"] - 1)[0]) + 1]:
-            _enter_stage(model, stage)  # the checkpoint's RoPE base and context
-        state = load_checkpoint(latest, model, optimizer)
-        loader.load_state_dict(state["loader"])
-        step, tokens_seen = state["step"], state["tokens"]
-        if env.is_main:
-            print(f"resuming {out} from step {step} ({latest.name})", flush=True)
-    elif recipe.stages:
-        _enter_stage(model, recipe.stages[0])
-
-    train_model: torch.nn.Module = model
-    if env.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
-    dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    metrics = MetricsLog(out / "metrics.jsonl", step, env.is_main)
-    peak = measured_peak_flops(dtype) if env.is_main else 1.0
-    val_batches_by_len: dict[int, list[Batch]] = {}
-
-    def val_batches(seq_len: int) -> list[Batch]:
-        if seq_len not in val_batches_by_len and val_shards:
-            val_batches_by_len[seq_len] = validation_batches(val_shards, batch_size=t.micro_batch_size,
-                                                             seq_len=seq_len, max_batches=t.eval_batches)
-        return val_batches_by_len.get(seq_len, [])
-
-    total = recipe.total_steps
-    bar = tqdm(total=total, initial=step, desc=recipe.name, disable=not (progress and env.is_main), unit="step")
-    started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
-    val_loss, done_here = None, 0
-    current = recipe.stage_at(step)[0] if step < total else None
-    model.train()
-    while step < total and (stop_after is None or done_here < stop_after):
-        stage, into = recipe.stage_at(step)
-        if stage is not current:
+    def enter_stages_up_to(step: int) -> None:  # the checkpoint's RoPE base and context length
+        for stage in recipe.stages[:recipe.stages.index(recipe.stage_at(step - 1)[0]) + 1]:
             _enter_stage(model, stage)
-            current = stage
-        seq_len = stage.seq_len or t.seq_len
-        lr = learning_rate(step, total_steps=total, peak=t.lr, warmup_steps=t.warmup_steps, schedule=t.schedule,
-                           min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batch = stage.micro_batch_size or t.micro_batch_size
-        rows = micro_batch * t.grad_accum * env.world_size
-        batch = loader.next_batch(rows, seq_len, _mixture(stage, into, loader.names), rank=env.rank,
-                                  world_size=env.world_size)
-        global_tokens = rows * seq_len  # every position has a label in pre-training
-        loss_sum = torch.zeros(())
-        for micro in range(t.grad_accum):
-            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            sync = micro == t.grad_accum - 1
-            with (train_model.no_sync() if env.enabled and not sync else contextlib.nullcontext()):
-                with autocast():
-                    loss = train_model(batch.input_ids_BT[part], document_ids_BT=batch.document_ids_BT[part],
-                                       labels_BT=batch.labels_BT[part], loss_chunk=t.loss_chunk)
-                (loss * (env.world_size / global_tokens)).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        done_here += 1
-        tokens_seen += global_tokens
-        window_tokens += global_tokens
-        train_loss = float(all_reduce_sum(loss_sum, env)) / global_tokens
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"step {step}: the loss is {train_loss}; lower [train] lr or check the data")
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", stage=stage.name)
-        if step % t.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / max(elapsed, 1e-9)
-            metrics.write({"step": step, "stage": stage.name, "loss": train_loss, "lr": lr,
-                           "grad_norm": float(grad_norm), "tokens": tokens_seen, "tokens_per_s": tps,
-                           "mfu": tps * flops_per_token(model.config, seq_len) / peak, "seq_len": seq_len,
-                           "epochs": epochs_seen(loader)})
-            window_tokens, window_start = 0, time.perf_counter()
-        stage_ends = recipe.stage_at(step)[0] is not stage or step == total
-        if val_shards and (step % t.eval_every == 0 or stage_ends):
-            val_loss = evaluate(model, val_batches(seq_len), autocast, t.loss_chunk)
-            metrics.write({"step": step, "stage": stage.name, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-            bar.write(f"step {step} ({stage.name}): train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        if env.is_main and (step % t.save_every == 0 or step == total):
-            save_checkpoint(out, step, model, optimizer, {"step": step, "tokens": tokens_seen,
-                                                          "loader": loader.state_dict(), "recipe": recipe.name},
-                            keep_last=t.keep_last)
-        barrier(env)
-    bar.close()
-    seconds = time.perf_counter() - started
+
+    step, tokens = resume(out, model, optimizer, task, before_load=enter_stages_up_to)
+    if step and env.is_main:
+        print(f"resuming {out} from step {step}", flush=True)
+    result = train(task, model, optimizer, recipe, out, env, start_step=step, units=tokens, progress=progress,
+                   stop_after=stop_after)
     baseline = None
-    if step >= total and env.is_main:
+    if result.steps >= recipe.total_steps and env.is_main:
         from qwen2.checkpoint.loader import Pretrained, save_pretrained
         from qwen2.train.plots import plot_metrics
 
         save_pretrained(Pretrained(model, tokenizer, {}, str(out)), out / "model", dtype=torch.float32)
         plot_metrics(out / "metrics.jsonl", out)
-        if val_shards:
-            # on the very batches of the last validation loss
+        if val_shards:  # on the very batches of the last validation loss
             baseline = unigram_loss([s for shards in sources.values() for s in shards],
-                                    val_batches(recipe.stages[-1].seq_len or t.seq_len), model.config.vocab_size)
-    return Summary(step, val_loss, baseline, tokens_seen, seconds, out)
+                                    task.val_batches(task.seq_len(recipe.stages[-1])), model.config.vocab_size)
+    return Summary(result.steps, result.last_eval.get("val_loss"), baseline, int(result.units), result.seconds, out)

@@ -35,10 +35,29 @@ class TokenizerSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    sources: dict[str, str] = field(default_factory=dict)  # name -> token-shard directory
-    val: str | None = None  # validation shards
+    sources: dict[str, str] = field(default_factory=dict)  # pretrain: name -> token-shard directory
+    val: str | None = None  # validation: shards (pretrain) or a JSONL file (sft, dpo)
     corpus: str | None = None  # a built-in corpus to download and pack first ("shakespeare")
     val_fraction: float = 0.05  # for the built-in corpus
+    conversations: str | None = None  # sft: JSONL {"messages": [...]}
+    preferences: str | None = None  # dpo: JSONL {"prompt": [...], "chosen": [...], "rejected": [...]}
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    merge: bool = True  # fold the adapters into the exported model
+
+
+@dataclass(frozen=True)
+class DPOSpec:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"  # or "ipo"
+    reference: str = "precomputed"  # reference log-probs computed once before training, or "on_the_fly"
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,8 @@ class Recipe:
     data: DataSpec
     train: TrainSpec
     stages: tuple[StageSpec, ...]
+    lora: LoRASpec | None = None
+    dpo: DPOSpec = field(default_factory=DPOSpec)
 
     @property
     def total_steps(self) -> int:
@@ -148,7 +169,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
     where = str(path)
-    known = {"name", "seed", "model", "tokenizer", "data", "train", "stage"}
+    known = {"name", "seed", "model", "tokenizer", "data", "train", "stage", "lora", "dpo"}
     if unknown := sorted(set(raw) - known):
         raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     model_raw = dict(raw.get("model", {}))
@@ -161,7 +182,9 @@ def load_recipe(path: str | Path) -> Recipe:
     data = _build(DataSpec, raw.get("data", {}), f"{where}: [data]")
     recipe = Recipe(name=str(raw.get("name", path.stem)), path=path.resolve(), seed=int(raw.get("seed", 0)),
                     model=model, tokenizer=_build(TokenizerSpec, raw.get("tokenizer", {}), f"{where}: [tokenizer]"),
-                    data=data, train=train, stages=stages)
+                    data=data, train=train, stages=stages,
+                    lora=_build(LoRASpec, raw["lora"], f"{where}: [lora]") if "lora" in raw else None,
+                    dpo=_build(DPOSpec, raw.get("dpo", {}), f"{where}: [dpo]"))
     _check(recipe, where)
     return recipe
 
@@ -179,8 +202,11 @@ def _check(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: [model] needs a preset (plus overrides) or init = a model to continue from")
     if not (recipe.tokenizer.path or recipe.tokenizer.train_vocab_size or recipe.model.init):
         raise RecipeError(f"{where}: [tokenizer] needs path = a tokenizer directory, or train_vocab_size")
-    if not (recipe.data.sources or recipe.data.corpus):
-        raise RecipeError(f"{where}: [data] needs sources = {{name = shard directory}} or a corpus")
+    if not (recipe.data.sources or recipe.data.corpus or recipe.data.conversations or recipe.data.preferences):
+        raise RecipeError(f"{where}: [data] needs sources = {{name = shard directory}}, a corpus, "
+                          f"conversations (sft) or preferences (dpo)")
+    if recipe.dpo.loss_type not in ("sigmoid", "ipo") or recipe.dpo.reference not in ("precomputed", "on_the_fly"):
+        raise RecipeError(f"{where}: [dpo] loss_type must be sigmoid|ipo and reference precomputed|on_the_fly")
     for i, stage in enumerate(recipe.stages, 1):
         if stage.steps < 1:
             raise RecipeError(f"{where}: stage {i} ({stage.name}) needs steps >= 1")

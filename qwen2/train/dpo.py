@@ -1,0 +1,226 @@
+"""Offline DPO from preference pairs (JSONL {"prompt": [messages], "chosen": [messages], "rejected": [messages]}).
+
+Each side is the prompt conversation followed by its reply turns, rendered with the chat template;
+only the reply's assistant tokens count toward the sequence log-probability. The reference policy
+is the model as it starts: its log-probs are computed once before training ("precomputed", kept in
+memory and recomputed identically on resume) or at every step ("on_the_fly"; with LoRA the base
+model with adapters switched off, otherwise a frozen copy). Loss and metrics: qwen2.train.losses.dpo_loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen2.data.readers import DataError
+from qwen2.model import Qwen2ForCausalLM
+from qwen2.model.loss import IGNORE_INDEX
+from qwen2.tokenizer import Tokenizer, encode_chat, encode_chat_with_mask
+from qwen2.train.distributed import DistEnv
+from qwen2.train.losses import dpo_loss, sequence_logps
+from qwen2.train.recipe import Recipe, RecipeError
+from qwen2.train.sft import check_messages, read_jsonl, shifted_labels
+
+
+@dataclass
+class Pair:
+    index: int
+    chosen: tuple[list[int], list[int]]  # (ids, labels)
+    rejected: tuple[list[int], list[int]]
+
+
+def encode_reply(tokenizer: Tokenizer, prompt: list[dict], reply: list[dict], where: str,
+                 max_len: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + reply, loss only on the reply's assistant tokens."""
+    ids, mask = encode_chat_with_mask(tokenizer, prompt + reply)
+    prefix = encode_chat(tokenizer, prompt, add_generation_prompt=False)
+    if ids[:len(prefix)] != prefix:  # ChatML templates concatenate turns, so the prompt is a prefix
+        raise DataError(f"{where}: the chat template renders the prompt differently alone and with the reply")
+    mask = [0] * len(prefix) + mask[len(prefix):]
+    if len(ids) > max_len:
+        ids, mask = ids[:max_len], mask[:max_len]
+    if not any(mask[1:]):
+        raise DataError(f"{where}: the reply has no assistant tokens within {max_len} tokens")
+    return ids, shifted_labels(ids, mask)
+
+
+def load_preferences(path: Path, tokenizer: Tokenizer, max_len: int) -> list[Pair]:
+    pairs = []
+    for i, (where, obj) in enumerate(read_jsonl(path)):
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
+        if missing:
+            raise DataError(f"{where}: missing {missing} (a pair is prompt, chosen and rejected message lists)")
+        prompt = check_messages(obj["prompt"], f"{where} prompt")
+        sides = []
+        for key in ("chosen", "rejected"):
+            reply = check_messages(obj[key], f"{where} {key}")
+            if not any(m["role"] == "assistant" for m in reply):
+                raise DataError(f"{where}: {key} has no assistant turn")
+            sides.append(encode_reply(tokenizer, prompt, reply, f"{where} {key}", max_len))
+        pairs.append(Pair(i, sides[0], sides[1]))
+    return pairs
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r[0] + [pad_id] * (width - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [IGNORE_INDEX] * (width - len(r[1])) for r in rows])
+    return ids, labels
+
+
+def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (chosen (B,), rejected (B,)) in one forward over 2B right-padded rows
+    (right padding changes nothing before it under a causal mask)."""
+    ids, labels = _pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    logps = sequence_logps(model(ids), labels)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+def reference_logps(reference: Any, micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference policy's (chosen, rejected) log-probs: from the precomputed tables, or computed now."""
+    if callable(reference):
+        return reference(micro)
+    index = torch.tensor([p.index for p in micro])
+    return reference[0][index], reference[1][index]
+
+
+class DPOTask:
+    def __init__(self, recipe: Recipe, pairs: list[Pair], pad_id: int, reference: Any) -> None:
+        self.recipe, self.pairs, self.pad_id = recipe, pairs, pad_id
+        self.reference = reference  # (chosen, rejected) tensors indexed by pair, or a callable
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([self.recipe.seed, epoch])).permutation(len(self.pairs))
+
+    def prepare_step(self, model: Qwen2ForCausalLM, step: int) -> None:
+        pass
+
+    def batches(self, step: int, env: DistEnv) -> list[list[Pair]]:
+        t = self.recipe.train
+        chosen = []
+        for _ in range(t.micro_batch_size * t.grad_accum * env.world_size):
+            if self.index == len(self.pairs):
+                self.epoch, self.index = self.epoch + 1, 0
+            chosen.append(self.pairs[int(self._order(self.epoch)[self.index])])
+            self.index += 1
+        mine = chosen[env.rank::env.world_size]
+        return [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+
+    def count(self, micro: list[Pair]) -> float:
+        return float(len(micro))
+
+    def reference_logps(self, micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        return reference_logps(self.reference, micro)
+
+    def loss(self, model: torch.nn.Module, micro: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
+        d = self.recipe.dpo
+        chosen, rejected = pair_logps(model, micro, self.pad_id)
+        ref_chosen, ref_rejected = self.reference_logps(micro)
+        losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=d.beta,
+                                   label_smoothing=d.label_smoothing, loss_type=d.loss_type)
+        n = len(micro)
+        return losses.sum(), {k: float(v) * n for k, v in metrics.items()}
+
+    def should_evaluate(self, step: int) -> bool:
+        return False
+
+    def evaluate(self, model: Qwen2ForCausalLM, step: int) -> dict[str, float]:
+        return {}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        return {"stage": "dpo", "epoch": self.epoch + self.index / len(self.pairs)}
+
+    def flops_per_unit(self, model: Qwen2ForCausalLM) -> float:
+        from qwen2.train.pretrain import flops_per_token
+
+        length = sum(len(p.chosen[0]) + len(p.rejected[0]) for p in self.pairs) / len(self.pairs)
+        return flops_per_token(model.config, int(length)) * length
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "pairs": len(self.pairs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["pairs"] != len(self.pairs):
+            raise DataError(f"the preference data changed since the checkpoint ({len(self.pairs)} pairs now, "
+                            f"{state['pairs']} then)")
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+@torch.no_grad()
+def preference_accuracy(model: torch.nn.Module, pairs: list[Pair], pad_id: int, reference: Any,
+                        batch: int = 8) -> float:
+    """Share of pairs whose implicit reward prefers the chosen reply: (pi - ref)(chosen) > (pi - ref)(rejected)."""
+    model.eval()
+    wins = 0
+    for i in range(0, len(pairs), batch):
+        part = pairs[i:i + batch]
+        chosen, rejected = pair_logps(model, part, pad_id)
+        ref_c, ref_r = reference_logps(reference, part)
+        wins += int(((chosen - ref_c) > (rejected - ref_r)).sum())
+    model.train()
+    return wins / len(pairs)
+
+
+def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    from qwen2.train.lora import adapters_disabled, lora_layers
+    from qwen2.train.loop import autocast_for, make_optimizer, resume, start_run, train
+    from qwen2.train.sft import export, load_for_finetuning, pad_id
+
+    if not recipe.data.preferences:
+        raise RecipeError(f"{recipe.path}: [data] preferences = a JSONL file of {{prompt, chosen, rejected}}")
+    out, env = start_run(recipe, out)
+    pretrained, trainable = load_for_finetuning(recipe)
+    tokenizer, model = pretrained.tokenizer, pretrained.model
+    pad = pad_id(tokenizer)
+    pairs = load_preferences(recipe.resolve(recipe.data.preferences, out), tokenizer, recipe.train.seq_len)
+    autocast = autocast_for(recipe)
+    uses_lora = any(True for _ in lora_layers(model))
+
+    if uses_lora:
+        def reference_model_logps(micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad(), adapters_disabled(model), autocast():
+                return pair_logps(model, micro, pad)
+    else:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+        def reference_model_logps(micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad(), autocast():
+                return pair_logps(frozen, micro, pad)
+
+    if recipe.dpo.reference == "precomputed":
+        # Before any step (and identically on resume: the reference is the init model, never trained).
+        model.eval()
+        chosen, rejected = zip(*(reference_model_logps(pairs[i:i + 8]) for i in range(0, len(pairs), 8)))
+        model.train()
+        reference: Any = (torch.cat(chosen), torch.cat(rejected))
+        if not uses_lora:
+            del frozen
+    else:
+        reference = reference_model_logps
+    if env.is_main:
+        print(f"DPO: {len(pairs)} pairs, reference {recipe.dpo.reference}, {trainable / 1e6:.2f}M trainable "
+              f"parameters", file=sys.stderr, flush=True)
+    optimizer = make_optimizer(model, recipe)
+    task = DPOTask(recipe, pairs, pad, reference)
+    step, units = resume(out, model, optimizer, task)
+    with autocast():
+        before = preference_accuracy(model, pairs, pad, reference) if step == 0 else None
+    result = train(task, model, optimizer, recipe, out, env, start_step=step, units=units, progress=progress,
+                   stop_after=stop_after, unit_name="pairs")
+    with autocast():
+        after = preference_accuracy(model, pairs, pad, reference)
+    exported = None
+    if result.steps >= recipe.total_steps and env.is_main:
+        from qwen2.train.plots import plot_metrics
+
+        exported = export(pretrained, recipe, out)
+        plot_metrics(out / "metrics.jsonl", out)
+    return {"steps": result.steps, "seconds": result.seconds, "accuracy_before": before, "accuracy_after": after,
+            "model": exported, "trainable": trainable}
