@@ -200,8 +200,9 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
             last_eval = task.evaluate(model, step)
             if last_eval:
                 metrics.write({"step": step, **task.describe(step - 1), **last_eval})
-                bar.write(f"step {step}: train loss {train_loss:.4f}, " +
-                          ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                if env.is_main:
+                    bar.write(f"step {step}: train loss {train_loss:.4f}, " +
+                              ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if env.is_main and (step % t.save_every == 0 or step == total):
             save_checkpoint(out, step, model, optimizer, {"step": step, "units": units, "task": task.state_dict(),
                                                           "recipe": recipe.name}, keep_last=t.keep_last)
