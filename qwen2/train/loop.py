@@ -153,7 +153,7 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
     total = recipe.total_steps
     bar = tqdm(total=total, initial=start_step, desc=recipe.name, disable=not (progress and env.is_main), unit="step")
     step, done_here, last_eval = start_step, 0, {}
-    started, window_units, window_start = time.perf_counter(), 0.0, time.perf_counter()
+    started, window_units, window_steps, window_start = time.perf_counter(), 0.0, 0, time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     while step < total and (stop_after is None or done_here < stop_after):
@@ -182,6 +182,7 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
         done_here += 1
         units += global_units
         window_units += global_units
+        window_steps += 1
         train_loss = float(all_reduce_sum(loss_sum, env)) / max(global_units, 1.0)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"step {step}: the loss is {train_loss}; lower [train] lr or check the data")
@@ -194,8 +195,9 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
                      for k, v in sorted(sums.items())}
             metrics.write({"step": step, **task.describe(step - 1), "loss": train_loss, "lr": lr,
                            "grad_norm": float(grad_norm), unit_name: units, f"{unit_name}_per_s": rate,
+                           "step_seconds": elapsed / window_steps,
                            "mfu": rate * task.flops_per_unit(model) / peak, **extra})
-            window_units, window_start = 0.0, time.perf_counter()
+            window_units, window_steps, window_start = 0.0, 0, time.perf_counter()
         if task.should_evaluate(step) or step == total:
             last_eval = task.evaluate(model, step)
             if last_eval:
