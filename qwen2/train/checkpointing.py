@@ -2,7 +2,7 @@
 
 `<run>/checkpoints/step_00000120/` holds config.json + model.safetensors (a Hugging Face model
 directory: `qwen2 generate --model` and transformers load it as is; a LoRA run saves only its
-adapters, adapters.safetensors), optimizer.pt (AdamW moments and
+adapters, adapters.safetensors; an FSDP2 run one shard per process under sharded/), optimizer.pt (AdamW moments and
 the torch RNG state) and trainer_state.json (step, data-loader position, metrics so far). Everything
 is written into `.step_00000120.tmp/`, flushed, and renamed: a process killed at any moment leaves
 either the complete directory or a .tmp that the next run deletes, never a half checkpoint under a
@@ -26,6 +26,7 @@ from qwen2.model import Qwen2ForCausalLM
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 ADAPTERS = "adapters.safetensors"
+SHARDED = "sharded"  # an FSDP2 checkpoint: torch.distributed.checkpoint files, one set per process
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -79,9 +80,60 @@ def save_checkpoint(run_dir: Path, step: int, model: Qwen2ForCausalLM, optimizer
     return final
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict[str, Any], *, keep_last: int, rank: int) -> Path:
+    """FSDP2: every process writes its own shards (torch.distributed.checkpoint) into the same
+    temporary directory; rank 0 adds trainer_state.json and renames it into place once all are done."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=tmp / SHARDED)
+    dist.barrier()
+    if rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        complete = sorted(p for p in final.parent.iterdir() if _STEP_DIR.fullmatch(p.name))
+        for old in complete[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
 def load_checkpoint(path: Path, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model weights (strictly: every name and shape), optimizer and torch RNG; return the
-    trainer state. The model's config (rope_theta etc.) must already be the checkpoint's."""
+    trainer state. The model's config (rope_theta etc.) must already be the checkpoint's. A sharded
+    (FSDP2) checkpoint loads into a model sharded the same way or differently (resharding)."""
+    if (path / SHARDED).is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        if not is_sharded(model):
+            raise CheckpointError(f"{path}: a sharded (FSDP) checkpoint; resume it with parallel = \"fsdp\" under torchrun")
+        target = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(target, checkpoint_id=path / SHARDED)
+        set_model_state_dict(model, target["model"])
+        set_optimizer_state_dict(model, optimizer, target["optimizer"])
+        return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     adapters = (path / ADAPTERS).is_file()
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

@@ -78,6 +78,29 @@ def start_run(recipe: Recipe, out: str | Path) -> tuple[Path, DistEnv]:
     return out, env
 
 
+def shard_model(model: Qwen2ForCausalLM, recipe: Recipe, env: DistEnv) -> Qwen2ForCausalLM:
+    """FSDP2 under torchrun when the recipe asks (each decoder layer its own unit, the rest the
+    root): call before make_optimizer, so the optimizer holds the shards."""
+    if env.enabled and recipe.train.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0 (gathered from FSDP shards if need be)."""
+    from qwen2.train.checkpointing import is_sharded
+
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
     t = recipe.train
     decay, no_decay = [], []
@@ -144,8 +167,11 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
     from tqdm import tqdm
 
     t = recipe.train
+    from qwen2.train.checkpointing import is_sharded, save_sharded_checkpoint
+
+    sharded = is_sharded(model)
     train_model: torch.nn.Module = model
-    if env.enabled:
+    if env.enabled and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
     autocast = autocast_for(recipe)
     metrics = MetricsLog(out / "metrics.jsonl", start_step, env.is_main)
@@ -168,7 +194,9 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
         loss_sum, sums = torch.zeros((), dtype=torch.float64), {}
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            with (train_model.no_sync() if env.enabled and not sync else contextlib.nullcontext()):
+            if sharded:
+                model.set_requires_gradient_sync(sync)  # FSDP2: reduce-scatter on the last micro-batch only
+            with (train_model.no_sync() if env.enabled and not sharded and not sync else contextlib.nullcontext()):
                 with autocast():
                     loss, micro_metrics = task.loss(train_model, micro)
                 (loss * (env.world_size / max(global_units, 1.0))).backward()
@@ -205,9 +233,12 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
                 if env.is_main:
                     bar.write(f"step {step}: train loss {train_loss:.4f}, " +
                               ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        if env.is_main and (step % t.save_every == 0 or step == total):
-            save_checkpoint(out, step, model, optimizer, {"step": step, "units": units, "task": task.state_dict(),
-                                                          "recipe": recipe.name}, keep_last=t.keep_last)
+        if step % t.save_every == 0 or step == total:
+            state = {"step": step, "units": units, "task": task.state_dict(), "recipe": recipe.name}
+            if sharded:
+                save_sharded_checkpoint(out, step, model, optimizer, state, keep_last=t.keep_last, rank=env.rank)
+            elif env.is_main:
+                save_checkpoint(out, step, model, optimizer, state, keep_last=t.keep_last)
         barrier(env)
     bar.close()
     return LoopResult(step, units, time.perf_counter() - started, last_eval)

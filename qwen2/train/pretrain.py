@@ -33,7 +33,7 @@ from qwen2.model import Qwen2ForCausalLM
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import Batch, MixtureLoader, epochs_seen, validation_batches
 from qwen2.train.distributed import DistEnv, barrier, init_distributed
-from qwen2.train.loop import autocast_for, make_optimizer, resume, train
+from qwen2.train.loop import autocast_for, full_state_dict, make_optimizer, resume, shard_model, train
 from qwen2.train.recipe import Recipe, StageSpec
 
 
@@ -258,6 +258,7 @@ def run(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: i
     if t.compile:
         for layer in model.model.layers:  # identical layers: one compilation serves them all
             layer.compile()
+    shard_model(model, recipe, env)
     optimizer = make_optimizer(model, recipe)
     task = PretrainTask(recipe, MixtureLoader(sources, seed=recipe.seed), val_shards, autocast_for(recipe))
 
@@ -271,11 +272,17 @@ def run(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: i
     result = train(task, model, optimizer, recipe, out, env, start_step=step, units=tokens, progress=progress,
                    stop_after=stop_after)
     baseline = None
+    weights = full_state_dict(model) if result.steps >= recipe.total_steps else None  # every rank takes part
     if result.steps >= recipe.total_steps and env.is_main:
         from qwen2.checkpoint.loader import Pretrained, save_pretrained
         from qwen2.train.plots import plot_metrics
 
-        save_pretrained(Pretrained(model, tokenizer, {}, str(out)), out / "model", dtype=torch.float32)
+        plain = Qwen2ForCausalLM(model.config)  # unsharded, for the Hugging Face export
+        missing, unexpected = plain.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"export: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        plain.tie_weights()
+        save_pretrained(Pretrained(plain, tokenizer, {}, str(out)), out / "model", dtype=torch.float32)
         plot_metrics(out / "metrics.jsonl", out)
         if val_shards:  # on the very batches of the last validation loss
             baseline = unigram_loss([s for shards in sources.values() for s in shards],

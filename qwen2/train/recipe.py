@@ -78,6 +78,7 @@ class TrainSpec:
     dtype: str = "bfloat16"  # autocast dtype ("float32": no autocast)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (inductor fuses the elementwise ops)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2: parameters, grads, optimizer sharded)
     loss_chunk: int | None = None  # rows of logits at a time in the cross-entropy (None: ~256 MB of them)
     eval_every: int = 100
     eval_batches: int = 8
@@ -196,6 +197,8 @@ def _check(recipe: Recipe, where: str) -> None:
             raise RecipeError(f"{where}: [train] {key} must be at least 1 (got {getattr(t, key)})")
     if t.schedule not in SCHEDULES:
         raise RecipeError(f"{where}: [train] schedule must be one of {SCHEDULES} (got {t.schedule!r})")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise RecipeError(f"{where}: [train] parallel must be ddp or fsdp (got {t.parallel!r})")
     if t.dtype not in ("bfloat16", "float32"):
         raise RecipeError(f"{where}: [train] dtype must be bfloat16 or float32 (got {t.dtype!r})")
     if not (recipe.model.preset or recipe.model.init):
