@@ -69,6 +69,12 @@ def save_checkpoint(run_dir: Path, step: int, model: Qwen2ForCausalLM, optimizer
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+    _publish(tmp, final, keep_last)
+    return final
+
+
+def _publish(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a complete temporary checkpoint into place, then drop all but the last `keep_last`."""
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (a resumed run): replace it
         shutil.rmtree(final)
@@ -77,7 +83,6 @@ def save_checkpoint(run_dir: Path, step: int, model: Qwen2ForCausalLM, optimizer
     complete = sorted(p for p in final.parent.iterdir() if _STEP_DIR.fullmatch(p.name))
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -106,14 +111,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, op
     dist.barrier()
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        complete = sorted(p for p in final.parent.iterdir() if _STEP_DIR.fullmatch(p.name))
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, final, keep_last)
     dist.barrier()
     return final
 
