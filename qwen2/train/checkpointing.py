@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,16 @@ def save_checkpoint(run_dir: Path, step: int, model: Qwen2ForCausalLM, optimizer
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+    _failpoint(step)
     _publish(tmp, final, keep_last)
     return final
+
+
+def _failpoint(step: int) -> None:
+    """Fault injection for the crash tests: QWEN2_KILL_IN_SAVE=N kills the process with SIGKILL in
+    the middle of saving step N (files written, not yet renamed into place)."""
+    if os.environ.get("QWEN2_KILL_IN_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _publish(tmp: Path, final: Path, keep_last: int) -> None:

@@ -132,19 +132,37 @@ def measured_peak_flops(dtype: torch.dtype, seconds: float = 0.5) -> float:
 
 class MetricsLog:
     """metrics.jsonl, append-only; on resume the records after the checkpoint's step are dropped,
-    so the file reads as one uninterrupted run."""
+    so the file reads as one uninterrupted run. With TensorBoard installed, the numbers also go to
+    <run>/tensorboard/ (event files, for `tensorboard --logdir`)."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.board = path, enabled, None
         if enabled and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(key, value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def resume(out: Path, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer, task: Task,
@@ -241,4 +259,5 @@ def train(task: Task, model: Qwen2ForCausalLM, optimizer: torch.optim.Optimizer,
                 save_checkpoint(out, step, model, optimizer, state, keep_last=t.keep_last)
         barrier(env)
     bar.close()
+    metrics.close()
     return LoopResult(step, units, time.perf_counter() - started, last_eval)

@@ -96,6 +96,13 @@ def test_stages_resume_and_export(tmp_path, byte_tokenizer):
     # keep_last = 2, and the half-written save is gone
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step_00000007", "step_00000008"]
     assert (tmp_path / "whole" / "loss.png").exists() and (tmp_path / "whole" / "training.png").exists()
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return  # optional
+    events = EventAccumulator(str(tmp_path / "split" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))  # resumed runs: no duplicates
 
 
 def test_final_model_loads_in_transformers_with_the_same_logits(tmp_path, byte_tokenizer):
@@ -140,3 +147,19 @@ def test_recipe_mistakes_are_named(tmp_path, byte_tokenizer, change, message):
                 'dtype = "fp8"': "dtype must be bfloat16 or float32"}.get(message, "mixes unknown sources")
     with pytest.raises(RecipeError, match=expected):
         load_recipe(path)
+
+
+def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_intact(tmp_path, byte_tokenizer):
+    path = make_recipe(tmp_path, byte_tokenizer, general=13, save_every=5)
+    reference = run(load_recipe(path), tmp_path / "reference", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN2_KILL_IN_SAVE": "10"}
+    command = [sys.executable, "-m", "qwen2", "train", "pretrain", "--recipe", str(path), "--out", str(tmp_path / "run")]
+    killed = subprocess.run(command, env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / ".step_00000010.tmp").is_dir()  # the save that was cut short
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000005"  # the one before, intact
+    assert not (checkpoints / ".step_00000010.tmp").exists()  # and the half save is cleared away
+    del env["QWEN2_KILL_IN_SAVE"]
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    assert reference.steps == 15 and losses(tmp_path / "run") == losses(tmp_path / "reference")
