@@ -4,7 +4,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 from test_pretrain import losses, make_recipe
 
