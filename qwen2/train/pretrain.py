@@ -96,10 +96,13 @@ def _prepare_main(recipe: Recipe, out: Path, data_dir: Path) -> None:
                                                    show_progress=False)).save(tokenizer_dir)
     if documents is not None:
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
-        written = pack_documents(documents, tokenizer, data_dir, name=recipe.data.corpus,
-                                 val_fraction=recipe.data.val_fraction)
-        print("packed " + ", ".join(f"{split}: {sum(TokenShard.open(p).num_tokens for p in paths):,} tokens"
-                                    for split, paths in written.items()), flush=True)
+        # one shard set per domain (<domain>-00000.bin ...), so recipes can mix domains by stage
+        for domain in sorted({d.domain or recipe.data.corpus for d in documents}):
+            written = pack_documents([d for d in documents if (d.domain or recipe.data.corpus) == domain], tokenizer,
+                                     data_dir, name=domain, val_fraction=recipe.data.val_fraction)
+            print(f"packed {domain}: " + ", ".join(
+                f"{split} {sum(TokenShard.open(p).num_tokens for p in paths):,} tokens"
+                for split, paths in written.items()), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------

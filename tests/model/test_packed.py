@@ -54,3 +54,20 @@ def test_labels_give_the_summed_cross_entropy():
     reference.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = Qwen2ForCausalLM(PRESETS["tiny"])
+    model.init_weights(seed=0)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    documents = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    grads = []
+    for checkpointing in (False, True):
+        model.model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        loss = model(ids, labels_BT=ids.roll(-1, 1), document_ids_BT=documents)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], atol=1e-6, rtol=1e-5, msg=name)

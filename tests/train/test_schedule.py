@@ -22,3 +22,14 @@ def test_wsd_holds_then_decays_linearly():
     assert lrs("constant")[50:] == [1.0] * 50
     with pytest.raises(ValueError, match="schedule must be one of"):
         learning_rate(0, total_steps=1, peak=1, warmup_steps=0, schedule="linear")
+
+
+def test_stage_mixture_moves_linearly_to_its_end_weights():
+    from qwen2.train.pretrain import _mixture
+    from qwen2.train.recipe import StageSpec
+
+    stage = StageSpec(name="hq", steps=5, mixture={"web": 0.8, "code": 0.2}, mixture_end={"web": 0.0, "code": 1.0})
+    weights = [_mixture(stage, t, ["code", "web"]) for t in range(5)]
+    assert weights[0] == {"code": 0.2, "web": 0.8} and weights[-1] == {"code": 1.0, "web": 0.0}
+    assert weights[2]["code"] == pytest.approx(0.6) and weights[2]["web"] == pytest.approx(0.4)
+    assert _mixture(StageSpec(name="all", steps=3), 1, ["a", "b"]) == {"a": 1.0, "b": 1.0}  # default: alike
