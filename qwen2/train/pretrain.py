@@ -1,21 +1,17 @@
-"""Pre-training from a recipe: the one training loop, in stages (general -> high quality -> long context).
+"""Pre-training from a recipe, in stages (general -> high quality -> long context), on the one loop.
 
-`run(recipe, out)` prepares what the recipe asks for (download and pack a built-in corpus, learn
-the tokenizer), builds the model, and trains stage by stage: the mixture weights of the stage
-(moving linearly to `mixture_end` if given: dynamic data sampling), its sequence length, and for
-the long-context stage a raised RoPE base and context length that the saved config.json records.
+`run(recipe, out)` prepares what the recipe asks for (download a built-in corpus, learn the
+tokenizer on its training side, pack one shard set per domain), builds the model from a preset plus
+overrides, and trains a PretrainTask on qwen2.train.loop: each stage has its mixture weights
+(moving linearly to `mixture_end` if given: dynamic data sampling), its sequence length and batch
+rows, and the long-context stage raises the RoPE base and context length, which the saved
+config.json records. Every process draws the same global batch and keeps its rows, so 1 or N
+processes (DDP or FSDP2) train alike.
 
-A step: the global batch (micro_batch_size x grad_accum x processes sequences) is drawn by every
-process alike and each takes its rows; each micro-batch's summed cross-entropy is scaled by
-processes / (loss tokens in the global batch), so after DDP's averaging the gradient is that of
-the global mean, whatever the process count. bf16 autocast with float32 master weights; AdamW
-(no decay on norms and biases); gradient clipping; lr from the step alone (qwen2.train.schedule).
-
-Outputs in `out`: metrics.jsonl (one record per log step and per evaluation), checkpoints/
-(resumable, qwen2.train.checkpointing), plots (loss.png, lr.png) and model/ (the final Hugging
-Face directory with the tokenizer).
+Outputs in `out`: metrics.jsonl, checkpoints/ (qwen2.train.checkpointing), loss.png /
+training.png, model/ (the final Hugging Face directory with the tokenizer), and data/ + tokenizer/
+when prepared here. The summary compares the validation loss with a unigram baseline.
 """
-
 from __future__ import annotations
 
 import dataclasses
