@@ -159,6 +159,7 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
         data_start = -(-cursor.pos // alignment) * alignment
         self.tensors = [self._tensor_info(data_start, *info) for info in raw_infos]
+        self._hf_names = {hf_name(t.name): t for t in self.tensors}
         arch = self.fields.get("general.architecture")
         if arch != "qwen2":
             raise CheckpointError(f"{self.path}: GGUF architecture is {arch!r}, expected 'qwen2'")
@@ -279,17 +280,12 @@ class GGUFFile:
     def int4_tensors(self, name: str, group_size: int) -> dict[str, torch.Tensor] | None:
         """Portable int4 tensors (group 32) of the linear weight with HF name `name`, read without
         rounding if the file stores it in 4-bit blocks (Q4_0 / Q4_1 / Q4_K; see gguf_int4); else None."""
-        t = self._by_hf_name().get(name)
+        t = self._hf_names.get(name)
         if t is None or group_size != GROUP or not is_int4_grid(t.qtype) or len(t.shape) != 2:
             return None
         rows, cols = t.shape
         raw = np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return decode_int4_blocks(raw.reshape(rows, t.nbytes // rows), t.qtype, cols)
-
-    def _by_hf_name(self) -> dict[str, TensorInfo]:
-        if not hasattr(self, "_hf_names"):
-            self._hf_names = {hf_name(t.name): t for t in self.tensors}
-        return self._hf_names
 
     def _dequantize(self, t: TensorInfo, row_start: int, row_end: int) -> np.ndarray:
         """float32 rows [row_start, row_end) of tensor t (viewed as rows x last dim), writable."""

@@ -133,3 +133,42 @@ def validation_batches(shards: list[TokenShard], *, batch_size: int, seq_len: in
         batches.append(Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
                              documents[:, :-1].contiguous(), ["val"] * len(part)))
     return batches
+
+
+class EpochOrder:
+    """Indices 0..size-1 in a seeded random order, one permutation per epoch, resumable by
+    (epoch, index): the example order of SFT and DPO."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([self.seed, self.epoch])).permutation(self.size)
+
+    def peek(self) -> int:
+        """The next index, without taking it (an epoch that is used up rolls over first)."""
+        if self.index == self.size:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation()
+        return int(self._order[self.index])
+
+    def take(self) -> int:
+        i = self.peek()
+        self.index += 1
+        return i
+
+    @property
+    def progress(self) -> float:
+        """Epochs so far, fractional."""
+        return self.epoch + self.index / self.size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != self.size:
+            raise DataError(f"the data changed since the checkpoint ({self.size} examples now, {state['size']} then)")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation()

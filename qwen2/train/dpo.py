@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from qwen2.data.readers import DataError
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.model.loss import IGNORE_INDEX
 from qwen2.tokenizer import Tokenizer, encode_chat, encode_chat_with_mask
+from qwen2.train.data import EpochOrder
 from qwen2.train.distributed import DistEnv
+from qwen2.train.loop import flops_per_token
 from qwen2.train.losses import dpo_loss, sequence_logps
 from qwen2.train.recipe import Recipe, RecipeError
 from qwen2.train.sft import check_messages, read_jsonl, shifted_labels
@@ -94,22 +95,15 @@ class DPOTask:
     def __init__(self, recipe: Recipe, pairs: list[Pair], pad_id: int, reference: Any) -> None:
         self.recipe, self.pairs, self.pad_id = recipe, pairs, pad_id
         self.reference = reference  # (chosen, rejected) tensors indexed by pair, or a callable
-        self.epoch, self.index = 0, 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.Generator(np.random.PCG64([self.recipe.seed, epoch])).permutation(len(self.pairs))
+        self.order = EpochOrder(len(pairs), recipe.seed)
+        self.mean_length = sum(len(p.chosen[0]) + len(p.rejected[0]) for p in pairs) / len(pairs)
 
     def prepare_step(self, model: Qwen2ForCausalLM, step: int) -> None:
         pass
 
     def batches(self, step: int, env: DistEnv) -> list[list[Pair]]:
         t = self.recipe.train
-        chosen = []
-        for _ in range(t.micro_batch_size * t.grad_accum * env.world_size):
-            if self.index == len(self.pairs):
-                self.epoch, self.index = self.epoch + 1, 0
-            chosen.append(self.pairs[int(self._order(self.epoch)[self.index])])
-            self.index += 1
+        chosen = [self.pairs[self.order.take()] for _ in range(t.micro_batch_size * t.grad_accum * env.world_size)]
         mine = chosen[env.rank::env.world_size]
         return [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
 
@@ -135,22 +129,16 @@ class DPOTask:
         return {}
 
     def describe(self, step: int) -> dict[str, Any]:
-        return {"stage": "dpo", "epoch": self.epoch + self.index / len(self.pairs)}
+        return {"stage": "dpo", "epoch": self.order.progress}
 
     def flops_per_unit(self, model: Qwen2ForCausalLM) -> float:
-        from qwen2.train.pretrain import flops_per_token
-
-        length = sum(len(p.chosen[0]) + len(p.rejected[0]) for p in self.pairs) / len(self.pairs)
-        return flops_per_token(model.config, int(length)) * length
+        return flops_per_token(model.config, int(self.mean_length)) * self.mean_length
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "pairs": len(self.pairs)}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["pairs"] != len(self.pairs):
-            raise DataError(f"the preference data changed since the checkpoint ({len(self.pairs)} pairs now, "
-                            f"{state['pairs']} then)")
-        self.epoch, self.index = state["epoch"], state["index"]
+        self.order.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -171,7 +159,7 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[Pair], pad_id: int, 
 def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
     from qwen2.train.lora import adapters_disabled, lora_layers
     from qwen2.train.loop import autocast_for, make_optimizer, resume, start_run, train
-    from qwen2.train.sft import export, load_for_finetuning, pad_id
+    from qwen2.train.sft import finish, load_for_finetuning, pad_id
 
     if not recipe.data.preferences:
         raise RecipeError(f"{recipe.path}: [data] preferences = a JSONL file of {{prompt, chosen, rejected}}")
@@ -216,11 +204,6 @@ def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_afte
                    stop_after=stop_after, unit_name="pairs")
     with autocast():
         after = preference_accuracy(model, pairs, pad, reference)
-    exported = None
-    if result.steps >= recipe.total_steps and env.is_main:
-        from qwen2.train.plots import plot_metrics
-
-        exported = export(pretrained, recipe, out)
-        plot_metrics(out / "metrics.jsonl", out)
+    exported = finish(pretrained, recipe, out, result.steps, env)
     return {"steps": result.steps, "seconds": result.seconds, "accuracy_before": before, "accuracy_after": after,
             "model": exported, "trainable": trainable}

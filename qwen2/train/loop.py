@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.train.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from qwen2.train.distributed import DistEnv, all_reduce_sum, barrier
@@ -118,6 +119,19 @@ def autocast_for(recipe: Recipe) -> Callable[[], Any]:
     return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def flops_per_token(config: Qwen2Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters + LM head) + attention (PaLM's 12 L H Q T / 2
+    for a causal mask is not subtracted: the usual convention)."""
+    D, L, F = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * config.dim_per_head
+    per_layer = D * D + 2 * D * kv + D * D + 3 * D * F
+    return 6 * (L * per_layer + D * config.vocab_size) + 12 * L * D * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
 def measured_peak_flops(dtype: torch.dtype, seconds: float = 0.5) -> float:
     """This machine's matmul throughput (the denominator of MFU): a square GEMM timed for ~`seconds`."""
     a = torch.randn(1024, 1024, dtype=dtype)
@@ -128,6 +142,19 @@ def measured_peak_flops(dtype: torch.dtype, seconds: float = 0.5) -> float:
         a @ b
         n += 1
     return 2 * 1024 ** 3 * n / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def mean_loss(task: Task, model: Qwen2ForCausalLM, batches: list[Any], autocast: Callable[[], Any]) -> float:
+    """The task's loss per unit over fixed batches, in eval mode (validation)."""
+    model.eval()
+    total, count = 0.0, 0.0
+    for batch in batches:
+        with autocast():
+            total += float(task.loss(model, batch)[0])
+        count += task.count(batch)
+    model.train()
+    return total / max(count, 1.0)
 
 
 class MetricsLog:

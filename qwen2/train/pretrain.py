@@ -29,7 +29,8 @@ from qwen2.model import Qwen2ForCausalLM
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import Batch, MixtureLoader, epochs_seen, validation_batches
 from qwen2.train.distributed import DistEnv, barrier, init_distributed
-from qwen2.train.loop import autocast_for, full_state_dict, make_optimizer, resume, shard_model, train
+from qwen2.train.loop import (autocast_for, flops_per_token, full_state_dict, make_optimizer, mean_loss, resume,
+                              shard_model, train)
 from qwen2.train.recipe import Recipe, StageSpec
 
 
@@ -119,19 +120,6 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> Qwen2Config:
         raise ValueError(f"[model]: {e}") from None
 
 
-def flops_per_token(config: Qwen2Config, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding parameters + LM head) + attention (PaLM's 12 L H Q T / 2
-    for a causal mask is not subtracted: the usual convention)."""
-    D, L, F = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    kv = config.num_key_value_heads * config.dim_per_head
-    per_layer = D * D + 2 * D * kv + D * D + 3 * D * F
-    return 6 * (L * per_layer + D * config.vocab_size) + 12 * L * D * seq_len
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loop
-
-
 def _mixture(stage: StageSpec, t: int, names: list[str]) -> dict[str, float]:
     start = stage.mixture or {n: 1.0 for n in names}
     if not stage.mixture_end:
@@ -143,19 +131,6 @@ def _mixture(stage: StageSpec, t: int, names: list[str]) -> dict[str, float]:
 def _enter_stage(model: Qwen2ForCausalLM, stage: StageSpec) -> None:
     if stage.rope_theta is not None or stage.max_position_embeddings is not None:
         model.set_context(rope_theta=stage.rope_theta, max_position_embeddings=stage.max_position_embeddings)
-
-
-@torch.no_grad()
-def evaluate(model: Qwen2ForCausalLM, batches: list[Batch], autocast: Any, chunk: int) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        with autocast():
-            total += float(model(batch.input_ids_BT, document_ids_BT=batch.document_ids_BT,
-                                 labels_BT=batch.labels_BT, loss_chunk=chunk))
-        count += batch.num_tokens
-    model.train()
-    return total / max(1, count)
 
 
 def unigram_loss(train: list[TokenShard], val_batches: list[Batch], vocab_size: int) -> float:
@@ -218,8 +193,7 @@ class PretrainTask:
     def evaluate(self, model: Qwen2ForCausalLM, step: int) -> dict[str, float]:
         if not self.val_shards:
             return {}
-        loss = evaluate(model, self.val_batches(self.seq_len(self.recipe.stage_at(step - 1)[0])), self.autocast,
-                        self.recipe.train.loss_chunk)
+        loss = mean_loss(self, model, self.val_batches(self.seq_len(self.recipe.stage_at(step - 1)[0])), self.autocast)
         return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
     def describe(self, step: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from qwen2.data.readers import DataError, iter_jsonl
@@ -27,7 +26,9 @@ from qwen2.model import Qwen2ForCausalLM
 from qwen2.model.loss import IGNORE_INDEX
 from qwen2.tokenizer import Tokenizer, encode_chat_with_mask
 from qwen2.tokenizer.chat import ROLES
+from qwen2.train.data import EpochOrder
 from qwen2.train.distributed import DistEnv
+from qwen2.train.loop import flops_per_token, mean_loss
 from qwen2.train.recipe import Recipe, RecipeError
 
 
@@ -88,27 +89,13 @@ class PackedConversations:
     """Rows of `seq_len` from shuffled examples, one epoch after another, resumable."""
 
     def __init__(self, examples: list[Example], seq_len: int, pad_id: int, seed: int) -> None:
-        self.examples, self.seq_len, self.pad_id, self.seed = examples, seq_len, pad_id, seed
-        self.epoch, self.index = 0, 0
-        self.order = self._order()
+        self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+        self.order = EpochOrder(len(examples), seed)
         self.truncated = sum(len(e.input_ids) > seq_len for e in examples)
 
-    def _order(self) -> np.ndarray:
-        return np.random.Generator(np.random.PCG64([self.seed, self.epoch])).permutation(len(self.examples))
-
-    def _next_example(self) -> Example:
-        if self.index == len(self.order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self.order = self._order()
-        example = self.examples[int(self.order[self.index])]
-        self.index += 1
-        return example
-
-    def _peek(self) -> Example:
-        if self.index == len(self.order):
-            return self.examples[int(np.random.Generator(np.random.PCG64([self.seed, self.epoch + 1])).permutation(
-                len(self.examples))[0])]
-        return self.examples[int(self.order[self.index])]
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
 
     def row(self) -> tuple[list[int], list[int], list[int]]:
         ids: list[int] = []
@@ -116,11 +103,11 @@ class PackedConversations:
         docs: list[int] = []
         doc = 0
         while True:
-            example = self._peek()
+            example = self.examples[self.order.peek()]
             n = min(len(example.input_ids), self.seq_len)
             if ids and len(ids) + n > self.seq_len:
                 break
-            self._next_example()
+            self.order.take()
             ids += example.input_ids[:n]
             labels += example.labels[:n - 1] + [IGNORE_INDEX]  # a cut conversation predicts nothing past the cut
             docs += [doc] * n
@@ -135,14 +122,10 @@ class PackedConversations:
         return Rows(*(torch.tensor([r[k] for r in built]) for k in range(3)))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "examples": len(self.examples)}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["examples"] != len(self.examples):
-            raise DataError(f"the data changed since the checkpoint ({len(self.examples)} examples now, "
-                            f"{state['examples']} then)")
-        self.epoch, self.index = state["epoch"], state["index"]
-        self.order = self._order()
+        self.order.load_state_dict(state)
 
 
 def split_rows(rows: Rows, micro: int, env: DistEnv) -> list[Rows]:
@@ -172,25 +155,16 @@ class SFTTask:
     def should_evaluate(self, step: int) -> bool:
         return bool(self.val) and step % self.recipe.train.eval_every == 0
 
-    @torch.no_grad()
     def evaluate(self, model: Qwen2ForCausalLM, step: int) -> dict[str, float]:
         if not self.val:
             return {}
-        model.eval()
-        total, count = 0.0, 0.0
-        for rows in self.val:
-            with self.autocast():
-                total += float(self.loss(model, rows)[0])
-            count += self.count(rows)
-        model.train()
-        return {"val_loss": total / max(count, 1.0), "val_ppl": math.exp(total / max(count, 1.0))}
+        loss = mean_loss(self, model, self.val, self.autocast)
+        return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
     def describe(self, step: int) -> dict[str, Any]:
-        return {"stage": "sft", "epoch": self.data.epoch + self.data.index / len(self.data.examples)}
+        return {"stage": "sft", "epoch": self.data.order.progress}
 
     def flops_per_unit(self, model: Qwen2ForCausalLM) -> float:
-        from qwen2.train.pretrain import flops_per_token
-
         # per loss token: the whole row is computed for the assistant tokens it holds (approximate)
         return flops_per_token(model.config, self.recipe.train.seq_len)
 
@@ -231,14 +205,19 @@ def load_for_finetuning(recipe: Recipe):
     return pretrained, trainable
 
 
-def export(pretrained, recipe: Recipe, out: Path) -> Path:
-    """The fine-tuned model as a Hugging Face directory (adapters merged)."""
+def finish(pretrained, recipe: Recipe, out: Path, steps: int, env: DistEnv) -> Path | None:
+    """After the last step (rank 0): the fine-tuned model as a Hugging Face directory (adapters
+    merged) and the plots; None if the run stopped early."""
     from qwen2.checkpoint.loader import save_pretrained
     from qwen2.train.lora import lora_layers, merge_lora_
+    from qwen2.train.plots import plot_metrics
 
+    if steps < recipe.total_steps or not env.is_main:
+        return None
     if any(True for _ in lora_layers(pretrained.model)):
         merge_lora_(pretrained.model)
     save_pretrained(pretrained, out / "model", dtype=torch.float32)
+    plot_metrics(out / "metrics.jsonl", out)
     return out / "model"
 
 
@@ -267,11 +246,6 @@ def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_afte
     step, units = resume(out, model, optimizer, task)
     result = train(task, model, optimizer, recipe, out, env, start_step=step, units=units, progress=progress,
                    stop_after=stop_after, unit_name="loss_tokens")
-    exported = None
-    if result.steps >= recipe.total_steps and env.is_main:
-        from qwen2.train.plots import plot_metrics
-
-        exported = export(pretrained, recipe, out)
-        plot_metrics(out / "metrics.jsonl", out)
+    exported = finish(pretrained, recipe, out, result.steps, env)
     return {"steps": result.steps, "seconds": result.seconds, "eval": result.last_eval, "model": exported,
             "trainable": trainable}
