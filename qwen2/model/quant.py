@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2 import kernels
+
 QuantMode = Literal["int8", "int4"]
 QUANT_MODES: tuple[str, ...] = ("int8", "int4")
 QuantMethod = Literal["rtn", "gptq"]
@@ -207,7 +209,14 @@ class Int4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight, transposed (K, N), straight from the kernel's packed layout.
+        """The float weight, transposed (K, N), straight from the kernel's packed layout: one pass
+        in C where the C kernels are built (qwen2.kernels), else `dequantized_t_torch`."""
+        out = kernels.dequantize_int4_t(self.packed, self.scales_and_zeros, self.out_features, self.in_features,
+                                        self.group_size, dtype)
+        return out if out is not None else self.dequantized_t_torch(dtype)
+
+    def dequantized_t_torch(self, dtype: torch.dtype) -> torch.Tensor:
+        """`dequantized_t` in PyTorch ops (three passes over the weight instead of one).
 
         The CPU kernel stores blocks of 64 output rows: for each input column k, 32 bytes whose low
         nibbles are rows 0-31 of the block and high nibbles rows 32-63. Unpacked in that order the
@@ -243,7 +252,8 @@ def _pack_int4(q: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:  # 
 # From this many rows (prefill chunks, big batches) dequantizing the weight and running one float
 # GEMM beats the packed kernels, whose cost grows linearly with the rows: measured on one core for a
 # 4864 x 896 int4 weight, 512 rows take 27.7 ms packed vs 13.8 ms dequantized (128 rows: 6.8 vs 6.6;
-# 64 rows: 3.4 vs 3.5). Decode (one row per sequence) always uses the packed kernels.
+# 64 rows: 3.4 vs 3.5; dequantized with PyTorch ops, before the C kernel made that part 3x faster).
+# Decode (one row per sequence) always uses the packed kernels.
 DEQUANTIZE_FROM_ROWS = 128
 
 

@@ -31,6 +31,54 @@ def test_kernel_matches_dequantized_reference(mode, dtype, rows, out_features):
     torch.testing.assert_close(layer(x).float(), reference, atol=tol * reference.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_c_dequantization_equals_the_portable_weight(dtype, threads):
+    # The C kernel (qwen2.kernels) reads the packed CPU layout in one pass; float32 output must be the
+    # portable weight exactly, bf16 output that weight rounded once (the PyTorch fallback rounds the
+    # offset to bf16 first, so it may differ from it by one bf16 step). Odd thread counts split K
+    # across groups unevenly.
+    from qwen2 import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler: the PyTorch fallback is tested below")
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(192, 160, generator=gen)
+    config = QuantConfig("int4", group_size=32)
+    tensors = quantize_weight(w, config)
+    layer = Int4Linear(tensors, None, dtype, 32)
+    torch.set_num_threads(threads)
+    try:
+        got = layer.dequantized_t(dtype)
+    finally:
+        torch.set_num_threads(2)
+    # the layer keeps scales in `dtype`: the reference applies the same rounding of the parameters
+    sz = layer.scales_and_zeros.float()
+    scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (N, K/G)
+    q = torch.stack((tensors["qweight"] & 0xF, tensors["qweight"] >> 4), -1).view(192, 160).float()
+    exact = (q.view(192, 5, 32) * scale[..., None] + (zero - 8 * scale)[..., None]).view(192, 160)
+    assert got.dtype == dtype and got.shape == (160, 192)
+    assert torch.equal(got, exact.t().to(dtype))
+    if dtype == torch.float32:
+        assert torch.allclose(got, dequantize_weight(tensors, config).t(), atol=1e-6)
+    step = 2 ** -7 * exact.abs().max().item()  # one bf16 step at the largest magnitude
+    torch.testing.assert_close(got.float(), layer.dequantized_t_torch(dtype).float(), rtol=0, atol=step)
+
+
+def test_int4_prefill_without_the_c_kernels(monkeypatch):
+    # No compiler on the machine: the same layer falls back to PyTorch ops with the same result.
+    from qwen2 import kernels
+
+    gen = torch.Generator().manual_seed(5)
+    config = QuantConfig("int4", group_size=32)
+    layer = Int4Linear(quantize_weight(torch.randn(128, 96, generator=gen), config), None, torch.float32, 32)
+    x = torch.randn(200, 96, generator=gen)
+    with_kernels = layer(x)
+    monkeypatch.setattr(kernels, "_library", lambda: None)
+    assert not kernels.available()
+    torch.testing.assert_close(layer(x), with_kernels, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode,bound", [("int8", 0.01), ("int4", 0.1)])
 def test_quantization_error_is_bounded(mode, bound):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
@@ -147,3 +195,14 @@ def test_fused_projections_compute_the_same_outputs(mode, monkeypatch):
     assert separate.model.layers[0].self_attn.qkv_proj is None
     with torch.no_grad():
         torch.testing.assert_close(fused(ids), separate(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_kernel_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    from qwen2 import kernels
+
+    monkeypatch.setenv("QWEN2_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level("WARNING"):
+        assert kernels._library.__wrapped__() is None
+    assert "building qwen2's C kernels failed" in caplog.text
+    assert not list((tmp_path / "kernels").rglob("*.so"))  # nothing half-built left to load later
