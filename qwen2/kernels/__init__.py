@@ -95,9 +95,15 @@ def _check_params(params: torch.Tensor) -> int:
 
 
 def dequantize_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
-                      in_features: int, group_size: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """W^T (in, out) from the int4 CPU kernel's packed layout; None if the C kernels are unavailable
-    or the dtype is not one they write."""
+                      in_features: int, group_size: int, dtype: torch.dtype,
+                      out: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor | None:
+    """W^T (in, out) from the int4 CPU kernel's packed layout, written into `out` if given; None if
+    the C kernels are unavailable or the dtype is not one they write.
+
+    One thread by default: between two GEMMs PyTorch's OpenMP workers keep spinning on the other
+    cores, and a second thread of ours fights them for a core (in a 512-token int4 prefill of the demo
+    model: 100 ms of dequantization with one thread, 170-190 ms with two, 80 ms with two when the
+    workers sleep, which slows every other op)."""
     lib = _library()
     if lib is None or dtype not in _OUT_DTYPES or packed.dtype != torch.uint8 or not packed.is_contiguous():
         return None
@@ -106,10 +112,15 @@ def dequantize_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_
                          f"{(in_features // group_size, out_features, 2)}")
     if packed.numel() != out_features * in_features // 2:
         raise ValueError(f"packed int4 weight has {packed.numel()} bytes, expected {out_features * in_features // 2}")
-    out = torch.empty(in_features, out_features, dtype=dtype)
+    if out is None:
+        out = torch.empty(in_features, out_features, dtype=dtype)
+    elif out.shape != (in_features, out_features) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} ({in_features}, {out_features}) tensor")
     status = lib.qwen2_dequant_int4(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
                                     out_features, in_features, group_size, int(dtype == torch.bfloat16),
-                                    _check_params(scales_and_zeros), torch.get_num_threads())
+                                    _check_params(scales_and_zeros), threads)
+    if status == 2:
+        raise MemoryError(f"dequantizing an int4 weight {out_features}x{in_features}: out of memory")
     if status != 0:
         raise ValueError(f"int4 weight {out_features}x{in_features} with group {group_size}: unsupported shape")
     return out

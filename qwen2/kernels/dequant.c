@@ -12,12 +12,14 @@
  * Scales are float32 or bf16; the arithmetic is float32, rounded once to the output type.
  * (int8 weights need no kernel: PyTorch's one multiply is a single pass already.)
  *
- * Work is split over `threads` POSIX threads by column range; each thread writes disjoint output.
+ * Work can be split over `threads` POSIX threads by column range (each writes disjoint output);
+ * the model uses one (see dequantize_int4_t in __init__.py for why).
  * Plain C, no PyTorch headers: built at first use by qwen2/kernels/__init__.py and called through
  * ctypes (which releases the GIL).
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
@@ -28,6 +30,7 @@ typedef struct {
     int64_t k_begin, k_end;
     int bf16;                /* output is bf16 (else float32) */
     int params_bf16;         /* sz is bf16 (else float32) */
+    int status;              /* 0 = done; 2 = out of memory */
 } job_t;
 
 static inline uint16_t to_bf16(float f) {
@@ -46,22 +49,32 @@ static inline float param(const void *p, int64_t i, int is_bf16) {
 }
 
 static void *int4_worker(void *arg) {
-    const job_t *j = (const job_t *)arg;
+    /* Row by row of the output (k outer): each output row is written once, contiguously, which
+     * matters more than the read order (the output is 4x the input). The scale / offset of every
+     * column of the current group are kept in a per-thread buffer (2N floats). */
+    job_t *j = (job_t *)arg;
     const int64_t N = j->N, K = j->K, G = j->G;
-    float scale[64], offset[64], row[64];
-    for (int64_t b = 0; b < N / 64; b++) {
-        for (int64_t k = j->k_begin; k < j->k_end; k++) {
-            if (k == j->k_begin || k % G == 0) {
-                const int64_t s = ((k / G) * N + b * 64) * 2;
-                for (int i = 0; i < 64; i++) {
-                    scale[i] = param(j->sz, s + 2 * i, j->params_bf16);
-                    offset[i] = param(j->sz, s + 2 * i + 1, j->params_bf16) - 8.0f * scale[i];
-                }
+    float *scale = malloc(sizeof(float) * 2 * N);
+    if (scale == NULL) {
+        j->status = 2;
+        return NULL;
+    }
+    float *offset = scale + N;
+    for (int64_t k = j->k_begin; k < j->k_end; k++) {
+        if (k == j->k_begin || k % G == 0) {
+            const int64_t s = (k / G) * N * 2;
+            for (int64_t n = 0; n < N; n++) {
+                scale[n] = param(j->sz, s + 2 * n, j->params_bf16);
+                offset[n] = param(j->sz, s + 2 * n + 1, j->params_bf16) - 8.0f * scale[n];
             }
+        }
+        for (int64_t b = 0; b < N / 64; b++) {
             const uint8_t *p = j->packed + (b * K + k) * 32;
+            const float *sc = scale + b * 64, *of = offset + b * 64;
+            float row[64];
             for (int i = 0; i < 32; i++) {
-                row[i] = (float)(p[i] & 0xF) * scale[i] + offset[i];
-                row[i + 32] = (float)(p[i] >> 4) * scale[i + 32] + offset[i + 32];
+                row[i] = (float)(p[i] & 0xF) * sc[i] + of[i];
+                row[i + 32] = (float)(p[i] >> 4) * sc[i + 32] + of[i + 32];
             }
             if (j->bf16) {
                 uint16_t *o = (uint16_t *)j->out + k * N + b * 64;
@@ -71,6 +84,7 @@ static void *int4_worker(void *arg) {
             }
         }
     }
+    free(scale);
     return NULL;
 }
 
@@ -93,14 +107,17 @@ static int run(job_t base, int threads, int64_t k_step, void *(*worker)(void *))
     for (int t = 1; t < threads; t++)
         if (!started[t] && jobs[t].k_begin < jobs[t].k_end) worker(&jobs[t]); /* could not spawn: do it here */
     worker(&jobs[0]);
-    for (int t = 1; t < threads; t++)
+    int status = jobs[0].status;
+    for (int t = 1; t < threads; t++) {
         if (started[t]) pthread_join(tids[t], NULL);
-    return 0;
+        if (jobs[t].status) status = jobs[t].status;
+    }
+    return status;
 }
 
 int qwen2_dequant_int4(const uint8_t *packed, const void *sz, void *out, int64_t N, int64_t K, int64_t G,
                        int bf16, int params_bf16, int threads) {
     if (N % 64 != 0 || G <= 0 || K % G != 0) return 1;
-    job_t base = {packed, sz, out, N, K, G, 0, K, bf16, params_bf16};
+    job_t base = {packed, sz, out, N, K, G, 0, K, bf16, params_bf16, 0};
     return run(base, threads, G, int4_worker);
 }

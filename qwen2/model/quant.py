@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -176,8 +178,10 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu" and x.numel() // self.in_features < DEQUANTIZE_FROM_ROWS:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales.to(x.dtype))
             y = y.view(*shape[:-1], self.out_features)
-        else:  # many rows, or other devices: dequantize and run one float GEMM
-            y = F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        else:  # many rows, or other devices: dequantize (one pass) and run one float GEMM
+            weight = torch.mul(self.qweight, self.scales[:, None].to(x.dtype),
+                               out=_scratch(self.qweight.shape, x.dtype, x))
+            y = F.linear(x, weight)
         return y + self.bias if self.bias is not None else y
 
 
@@ -201,19 +205,20 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x_MK = x.reshape(-1, self.in_features)
         if x_MK.shape[0] >= DEQUANTIZE_FROM_ROWS and self.out_features % 64 == 0 and _int4_layout_known():
-            y = x_MK @ self.dequantized_t(x.dtype)
+            y = x_MK @ self.dequantized_t(x.dtype, out=_scratch((self.in_features, self.out_features), x.dtype, x))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, self.packed, self.group_size,
                                                            self.scales_and_zeros.to(x.dtype))
         y = y.view(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
-    def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized_t(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight, transposed (K, N), straight from the kernel's packed layout: one pass
-        in C where the C kernels are built (qwen2.kernels), else `dequantized_t_torch`."""
-        out = kernels.dequantize_int4_t(self.packed, self.scales_and_zeros, self.out_features, self.in_features,
-                                        self.group_size, dtype)
-        return out if out is not None else self.dequantized_t_torch(dtype)
+        in C where the C kernels are built (qwen2.kernels), else `dequantized_t_torch`. Written into
+        `out` when given (and the C kernel runs)."""
+        result = kernels.dequantize_int4_t(self.packed, self.scales_and_zeros, self.out_features, self.in_features,
+                                           self.group_size, dtype, out)
+        return result if result is not None else self.dequantized_t_torch(dtype)
 
     def dequantized_t_torch(self, dtype: torch.dtype) -> torch.Tensor:
         """`dequantized_t` in PyTorch ops (three passes over the weight instead of one).
@@ -255,6 +260,33 @@ def _pack_int4(q: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:  # 
 # 64 rows: 3.4 vs 3.5; dequantized with PyTorch ops, before the C kernel made that part 3x faster).
 # Decode (one row per sequence) always uses the packed kernels.
 DEQUANTIZE_FROM_ROWS = 128
+
+
+class _Scratch(threading.local):
+    buffer: torch.Tensor | None = None
+
+
+_SCRATCH = _Scratch()
+SCRATCH_MAX_BYTES = 64 << 20
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor | None:
+    """A reusable buffer for a weight dequantized for one GEMM, or None (allocate a fresh one).
+
+    A freshly allocated weight of 17 MB costs more in page faults than dequantizing it (glibc hands
+    a freed block at the top of the heap straight back to the OS, so every prefill GEMM faulted its
+    weight in again: 350 of the 1,150 ms of a 512-token int4 prefill). One buffer per thread, grown
+    to the largest weight up to SCRATCH_MAX_BYTES and reused, costs that once. Not when autograd
+    may keep the weight for a backward pass, which the next layer would overwrite.
+    """
+    numel = math.prod(shape)
+    size = numel * dtype.itemsize
+    if x.device.type != "cpu" or size > SCRATCH_MAX_BYTES or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    buffer = _SCRATCH.buffer
+    if buffer is None or buffer.numel() * buffer.dtype.itemsize < size:
+        buffer = _SCRATCH.buffer = torch.empty(size, dtype=torch.uint8)
+    return buffer[:size].view(dtype).view(shape)
 
 
 @functools.cache

@@ -47,11 +47,8 @@ def test_c_dequantization_equals_the_portable_weight(dtype, threads):
     config = QuantConfig("int4", group_size=32)
     tensors = quantize_weight(w, config)
     layer = Int4Linear(tensors, None, dtype, 32)
-    torch.set_num_threads(threads)
-    try:
-        got = layer.dequantized_t(dtype)
-    finally:
-        torch.set_num_threads(2)
+    got = kernels.dequantize_int4_t(layer.packed, layer.scales_and_zeros, 192, 160, 32, dtype, threads=threads)
+    assert torch.equal(got, layer.dequantized_t(dtype))  # what the layer uses (one thread)
     # the layer keeps scales in `dtype`: the reference applies the same rounding of the parameters
     sz = layer.scales_and_zeros.float()
     scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (N, K/G)
@@ -206,3 +203,19 @@ def test_a_failed_kernel_build_falls_back_with_a_warning(monkeypatch, tmp_path, 
         assert kernels._library.__wrapped__() is None
     assert "building qwen2's C kernels failed" in caplog.text
     assert not list((tmp_path / "kernels").rglob("*.so"))  # nothing half-built left to load later
+
+
+def test_dequantized_weights_kept_for_backward_are_not_overwritten():
+    # Prefill-size inputs dequantize into a reused buffer; when autograd keeps the weight for the
+    # backward pass (gradients w.r.t. activations through a frozen quantized base), each layer
+    # must keep its own.
+    gen = torch.Generator().manual_seed(6)
+    config = QuantConfig("int4", group_size=32)
+    ws = [torch.randn(128, 128, generator=gen) for _ in range(2)]
+    layers = [Int4Linear(quantize_weight(w, config), None, torch.float32, 32) for w in ws]
+    x = torch.randn(256, 128, generator=gen, requires_grad=True)
+    (layers[1](layers[0](x)) ** 2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    deq = [dequantize_weight(quantize_weight(w, config), config) for w in ws]
+    ((x_ref @ deq[0].t() @ deq[1].t()) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-3)
