@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2.config import Qwen2Config
-from qwen2.model.kv_cache import KVCache
+from qwen2.model.kv_cache import KVCache, round_to_bucket
 from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import apply_rope
 
@@ -65,11 +65,41 @@ def decode_attention(q_BH1C: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.T
     """Attention of one new query per row, as two batched matmuls over the G = H / K query heads
     that share a kv head: (B, K, G, C) @ (B, K, C, S). Same result as SDPA; on CPU, SDPA's bf16
     kernel is built for long query blocks and spends about 10x longer on a single query (measured
-    3.4 ms vs 0.24 ms for 16 rows x 190 keys), which was a third of a batched decode step."""
+    3.4 ms vs 0.24 ms for 16 rows x 190 keys), which was a third of a batched decode step.
+
+    The matmuls run over the keys rounded up to a multiple of KEY_BUCKET slots, the extra ones
+    masked out, whenever the cache's storage extends that far (both caches keep finite values there:
+    zeros or older keys). PyTorch's bf16 CPU matmul (oneDNN) builds and keeps a kernel per shape, at
+    about 0.7 MB each: with a new key length every step, a 128-token reply added 145 MB to the
+    process and a server kept growing by the contexts it had seen (up to oneDNN's 1,024 cached
+    kernels). Rounded lengths give one shape per KEY_BUCKET tokens.
+    """
     B, H, _, C = q_BH1C.shape
     K, S = k_BKSC.shape[1], k_BKSC.shape[2]
+    S_pad = round_to_bucket(S)
+    k_wide, v_wide = _widened(k_BKSC, S_pad), _widened(v_BKSC, S_pad)
+    if k_wide is not None and v_wide is not None and S_pad != S:
+        k_BKSC, v_BKSC = k_wide, v_wide
+        valid_1S = torch.arange(S_pad, device=q_BH1C.device)[None] < S
+        if mask_B11S is None:
+            mask_B11S = valid_1S.view(1, 1, 1, S_pad)
+        else:
+            mask_B11S = F.pad(mask_B11S.view(mask_B11S.shape[0], S), (0, S_pad - S)).view(-1, 1, 1, S_pad)
+        S = S_pad
     scores_BKGS = (q_BH1C.view(B, K, H // K, C) @ k_BKSC.transpose(-1, -2)).float() * C ** -0.5
     if mask_B11S is not None:
         scores_BKGS = scores_BKGS.masked_fill(~mask_B11S.view(mask_B11S.shape[0], 1, 1, S), -torch.inf)
     probs_BKGS = scores_BKGS.softmax(-1).to(v_BKSC.dtype)
     return (probs_BKGS @ v_BKSC).view(B, H, 1, C)
+
+
+def _widened(x_BKSC: torch.Tensor, S_pad: int) -> torch.Tensor | None:
+    """The same view with S_pad slots, reading on into its storage, or None if the storage ends
+    first. (Slots past the view belong to the cache: later positions, or the next head's, all finite.)"""
+    if x_BKSC.shape[2] == S_pad:
+        return x_BKSC
+    size = (*x_BKSC.shape[:2], S_pad, x_BKSC.shape[3])
+    last = x_BKSC.storage_offset() + sum((n - 1) * st for n, st in zip(size, x_BKSC.stride()))
+    if min(x_BKSC.stride()) < 0 or last >= x_BKSC.untyped_storage().nbytes() // x_BKSC.element_size():
+        return None
+    return x_BKSC.as_strided(size, x_BKSC.stride(), x_BKSC.storage_offset())

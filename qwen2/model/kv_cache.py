@@ -26,6 +26,13 @@ from qwen2.config import Qwen2Config
 KV_CACHE_DTYPES = ("auto", "int8")
 KV_GROUP = 16  # value channels per int8 scale
 KEY_HEADROOM = 1.25  # key scales allow later tokens 25% more than the first write's largest pair norm
+# Decode attention reads the keys in lengths rounded up to this many slots, masking the extra ones
+# (qwen2.model.attention.decode_attention says why), so caches hold whole buckets of finite values.
+KEY_BUCKET = 128
+
+
+def round_to_bucket(n: int) -> int:
+    return -(-n // KEY_BUCKET) * KEY_BUCKET
 
 
 @dataclass
@@ -42,10 +49,12 @@ class KVCache:
     def allocate(cls, config: Qwen2Config, *, batch_size: int, max_seq_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  kv_cache_dtype: str = "auto") -> "KVCache":
-        """`dtype` is the compute dtype; kv_cache_dtype "auto" stores in it, "int8" quantizes."""
+        """`dtype` is the compute dtype; kv_cache_dtype "auto" stores in it, "int8" quantizes. The slots
+        are `max_seq_len` rounded up to a whole KEY_BUCKET, zero-filled (attention may read them)."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len, config.dim_per_head)
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, round_to_bucket(max_seq_len),
+                 config.dim_per_head)
         if kv_cache_dtype == "int8":
             if config.dim_per_head % KV_GROUP:
                 raise ValueError(f"int8 KV cache needs a head dim divisible by {KV_GROUP}")
@@ -98,16 +107,19 @@ class KVCache:
         scale_BKC = self.k_scale_LBKC[layer_idx]
         self.k_LBKSC[layer_idx, :, :, start:end] = torch.round(k_BKTC.float() / scale_BKC[:, :, None]).clamp(
             -127, 127).to(torch.int8)
-        k_BKSC = self.k_LBKSC[layer_idx, :, :, :end].to(self.compute_dtype) * scale_BKC[:, :, None].to(self.compute_dtype)
+        # dequantized a whole bucket at a time, returned as views of `end` slots (decode_attention
+        # reads on to the bucket's end)
+        wide = min(round_to_bucket(end), self.max_seq_len)
+        k_BKSC = self.k_LBKSC[layer_idx, :, :, :wide].to(self.compute_dtype) * scale_BKC[:, :, None].to(self.compute_dtype)
         # Values: one scale per group of KV_GROUP channels of each (token, head) vector.
         v_BKTgG = v_BKTC.float().view(B, K, T, C // KV_GROUP, KV_GROUP)
         scale_BKTg = (v_BKTgG.abs().amax(-1) / 127).clamp(min=1e-8)
         self.v_LBKSC[layer_idx, :, :, start:end] = torch.round(v_BKTgG / scale_BKTg[..., None]).to(torch.int8).view(
             B, K, T, C)
         self.v_scale_LBKSg[layer_idx, :, :, start:end] = scale_BKTg.to(self.v_scale_LBKSg.dtype)
-        q_BKSgG = self.v_LBKSC[layer_idx, :, :, :end].view(B, K, end, C // KV_GROUP, KV_GROUP)
-        v_BKSC = (q_BKSgG.to(self.compute_dtype) * self.v_scale_LBKSg[layer_idx, :, :, :end, :, None]).view(B, K, end, C)
-        return k_BKSC, v_BKSC
+        q_BKSgG = self.v_LBKSC[layer_idx, :, :, :wide].view(B, K, wide, C // KV_GROUP, KV_GROUP)
+        v_BKSC = (q_BKSgG.to(self.compute_dtype) * self.v_scale_LBKSg[layer_idx, :, :, :wide, :, None]).view(B, K, wide, C)
+        return k_BKSC[:, :, :end], v_BKSC[:, :, :end]
 
     def advance(self, num_new_tokens: int) -> None:
         self.length += num_new_tokens

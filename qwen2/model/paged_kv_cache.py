@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen2.config import Qwen2Config
-from qwen2.model.kv_cache import KEY_HEADROOM, KV_CACHE_DTYPES, KV_GROUP
+from qwen2.model.kv_cache import KEY_HEADROOM, KV_CACHE_DTYPES, KV_GROUP, round_to_bucket
 
 NULL_BLOCK = 0  # never handed out; pads block tables (reads only, always zeros)
 
@@ -233,7 +233,8 @@ class PagedBatch:
         self.past = past[0] if len(set(past)) == 1 else torch.tensor(past)  # int when uniform: mask fast path
         self.positions_BT = torch.tensor(past)[:, None] + torch.arange(T)[None, :]
         self.num_slots = max(past) + T
-        N = -(-self.num_slots // P)
+        # whole key buckets (null blocks read as zeros), so decode attention's rounded reads stay in bounds
+        N = -(-round_to_bucket(self.num_slots) // P)
         self.table_BN = torch.tensor([table[:N] + [NULL_BLOCK] * (N - len(table[:N])) for table in tables])
         rows = torch.arange(B)[:, None]
         self.dest_block_BT = self.table_BN[rows, self.positions_BT // P]
@@ -284,9 +285,6 @@ class PagedBatch:
             scale_KC = (torch.cat((pair_norm_Kc, pair_norm_Kc), -1) * KEY_HEADROOM / 127).clamp(min=1e-8)
             self.key_scale_LBKC[layer_idx, row] = scale_KC
             self.key_scales[row][layer_idx] = scale_KC
-
-    def _gather(self, pool_NKPC: torch.Tensor, B: int, N: int, S: int) -> torch.Tensor:
-        return self._layout(pool_NKPC[self.table_BN], S)
 
     @staticmethod
     def _layout(x_BNKPC: torch.Tensor, S: int) -> torch.Tensor:
