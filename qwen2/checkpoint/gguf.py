@@ -23,6 +23,7 @@ from qwen2.checkpoint.safetensors import CheckpointError, assign_weights, build_
 from qwen2.config import ConfigError, Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.model.quant import QuantConfig
+from qwen2.sysmem import return_freed_memory
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -255,14 +256,16 @@ class GGUFFile:
         }
 
     def iter_dequantized(self, *, skip: frozenset[str] = frozenset(), large_dtype: torch.dtype = torch.float32,
-                         float32: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, str]]:
+                         float32: frozenset[str] = frozenset(),
+                         lazy: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, str]]:
         """(HF name, float tensor, source) for every tensor except the HF names in `skip`.
 
         Tensors of more than LARGE_TENSOR elements (the 151,936-row embedding and head) are
         dequantized a block of rows at a time straight into `large_dtype`, so neither a float32
         copy of the whole matrix nor the dequantizer's temporaries for all of it ever exist (they
         were 1.5 GB for the demo model's embedding); the others come as float32. Large tensors named
-        in `float32` (layers quantized as they load) come as LazyRows: float32 blocks of rows on demand.
+        in `float32` (layers quantized as they load) come as LazyRows: float32 blocks of rows on demand;
+        those in `lazy` as LazyRows in `large_dtype` (the same values as the whole matrix, a block at a time).
         """
         for t in self.tensors:
             name = hf_name(t.name)
@@ -271,11 +274,18 @@ class GGUFFile:
             if name in skip:
                 continue
             if math.prod(t.shape) > LARGE_TENSOR:
-                tensor = LazyRows(self, t) if name in float32 else self._dequantize_rows(t, large_dtype)
+                if name in float32 or name in lazy:
+                    tensor = LazyRows(self, t, torch.float32 if name in float32 else large_dtype)
+                else:
+                    tensor = self._dequantize_rows(t, large_dtype)
             else:
                 tensor = torch.from_numpy(self._dequantize(t, 0, math.prod(t.shape[:-1]))).view(t.shape)
             yield name, tensor, f"{self.path} ({t.name})"
             self._release(t)
+            # The consumer has dropped this tensor's float temporaries (dequantizer output, rows
+            # being quantized): give the heap's freed part back now rather than at the end of the
+            # load, where it had piled up to ~200 MB above what the model keeps.
+            return_freed_memory()
 
     def int4_tensors(self, name: str, group_size: int) -> dict[str, torch.Tensor] | None:
         """Portable int4 tensors (group 32) of the linear weight with HF name `name`, read without
@@ -329,11 +339,10 @@ class LazyRows:
     no float32 copy of the whole matrix (545 MB for the demo model's head) ever exists.
     """
 
-    dtype = torch.float32
-
-    def __init__(self, gguf_file: GGUFFile, tensor: TensorInfo) -> None:
+    def __init__(self, gguf_file: GGUFFile, tensor: TensorInfo, dtype: torch.dtype = torch.float32) -> None:
         self._file, self._tensor = gguf_file, tensor
         self.shape = torch.Size(tensor.shape)
+        self.dtype = dtype
 
     def is_floating_point(self) -> bool:
         return True
@@ -342,7 +351,8 @@ class LazyRows:
         start, stop, step = index.indices(self.shape[0])
         if step != 1 or len(self.shape) != 2:
             raise IndexError("LazyRows supports contiguous row slices of a matrix only")
-        return torch.from_numpy(self._file._dequantize(self._tensor, start, stop)).view(stop - start, self.shape[1])
+        rows = torch.from_numpy(self._file._dequantize(self._tensor, start, stop)).view(stop - start, self.shape[1])
+        return rows.to(self.dtype)
 
 
 def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch.float32,
@@ -359,6 +369,11 @@ def load_gguf_model(source: str | Path | GGUFFile, *, dtype: torch.dtype = torch
     # (which starts from the float32 model) rounds it; it is the first tensor of the file, so the
     # float32 copy exists while little else is loaded.
     float32 = frozenset({"lm_head.weight"}) if quant is not None and quant.applies_to("lm_head") else frozenset()
-    tensors = gguf_file.iter_dequantized(skip=skip, large_dtype=dtype, float32=float32)
+    # An untied embedding becomes int8 rows as it loads: read a block of rows at a time too, never as
+    # a whole bf16 matrix (272 MB for the demo model, which was the load's peak). In `dtype`, so the
+    # rows are rounded exactly as when a saved checkpoint's embedding is loaded and quantized.
+    lazy = frozenset({"model.embed_tokens.weight"}) if quant is not None and not config.tie_word_embeddings \
+        else frozenset()
+    tensors = gguf_file.iter_dequantized(skip=skip, large_dtype=dtype, float32=float32, lazy=lazy)
     return assign_weights(model, tensors, dtype=dtype, device=device, quant=quant,
                           exact_int4=gguf_file.int4_tensors)

@@ -133,6 +133,7 @@ def assign_weights(model: Qwen2ForCausalLM, tensors: Iterator[tuple[str, torch.T
             if bias is not None:
                 layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
             model.set_submodule(module, layer.to(device))
+        built.clear()  # the model holds the layers now; merging below must be able to free the separate ones
         if embedding is not None:
             model.model.embed_tokens = embedding
         quantize_embedding_(model)  # tied: the embedding reads the quantized head's rows
