@@ -30,6 +30,7 @@ from qwen2.inference.engine import Engine, EngineClosedError, Output, QueueFullE
 from qwen2.inference.generate import ContextLengthError
 from qwen2.inference.sampling import SamplingParams
 from qwen2.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_message
+from qwen2.serve.tools import ToolCallStream, split_tool_calls
 from qwen2.tokenizer import encode_chat
 from qwen2.tokenizer.template import ChatTemplateError
 
@@ -139,7 +140,7 @@ def create_app(pretrained: Pretrained, engine: Engine, config: ServerConfig) -> 
         messages = [m.to_template() for m in req.messages]
         try:
             ids = await asyncio.to_thread(encode_chat, tokenizer, messages, add_generation_prompt=True,
-                                          tools=req.tools)
+                                          tools=req.tools if req.calls_tools else None)
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         return _Prepared([ids], sampling(req, len(ids)), req.n)
@@ -222,17 +223,34 @@ def create_app(pretrained: Pretrained, engine: Engine, config: ServerConfig) -> 
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         prepared = await chat_prompt(req)
 
+        # With tools, the text of each choice goes through a ToolCallStream: call blocks are held back
+        # and sent as `tool_calls` at the end (finish_reason "tool_calls").
+        tool_names = req.tool_names
+        streams = [ToolCallStream(tool_names) if req.calls_tools else None
+                   for _ in range(len(prepared.prompts) * req.n)]
+
         def chunk(head: dict, index: int, out: Output | None) -> dict:
             if out is None:  # the first event of a choice names the role
-                delta: dict = {"role": "assistant", "content": ""}
-            else:
-                delta = {"content": out.text} if out.text else {}
+                return {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]}
+            stream, calls = streams[index], []
+            text = out.text if stream is None else stream.feed(out.text)
+            if stream is not None and out.finished:
+                rest, calls = stream.finish()
+                text += rest
+            delta: dict = {"content": text} if text else {}
+            if calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
             return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                         "finish_reason": out.finish_reason if out else None}]}
+                                         "finish_reason": _finish_reason(out.finish_reason, calls)}]}
 
         def choice(index: int, text: str, last: Output) -> dict:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": last.finish_reason}
+            content, calls = split_tool_calls(text, tool_names) if req.calls_tools else (text, [])
+            message: dict = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            return {"index": index, "message": message, "logprobs": None,
+                    "finish_reason": _finish_reason(last.finish_reason, calls)}
 
         return await respond(request, req, prepared, kind="chat.completion", chunk=chunk, choice=choice)
 
@@ -257,6 +275,10 @@ def create_app(pretrained: Pretrained, engine: Engine, config: ServerConfig) -> 
 
     app.state.engine = engine
     return app
+
+
+def _finish_reason(reason: str | None, calls: list[dict]) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _cancel(handles: list[RequestHandle]) -> None:

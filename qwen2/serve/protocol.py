@@ -94,7 +94,27 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    # "auto": the model may call the tools (qwen2.serve.tools reads its calls); "none": the tools are
+    # not shown to it. Forcing a call ("required", a named function) needs constrained decoding,
+    # which this server does not do: refused with a 400 rather than silently not honoured.
+    tool_choice: Literal["none", "auto"] | None = None
     chat_template: Any = None  # refused: a request may not supply a template (it would run server-side)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if value == "required" or isinstance(value, dict):
+            raise ValueError("forcing a tool call ('required' or a named function) is not supported; use 'auto'")
+        return value
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        names = (tool.get("function", {}).get("name") for tool in self.tools or [] if isinstance(tool.get("function"), dict))
+        return frozenset(name for name in names if isinstance(name, str))
 
     @property
     def token_limit(self) -> int | None:

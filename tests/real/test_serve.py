@@ -4,6 +4,7 @@ a correct answer, streaming, stop strings, usage, concurrent requests, and a cle
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import socket
 import subprocess
@@ -81,3 +82,24 @@ def test_concurrent_requests_equal_sequential_ones(server):
         concurrent_ = list(pool.map(ask, questions))
     assert [s.strip() for s in sequential] == ["5", "17", "42", "18"]
     assert concurrent_ == sequential
+
+
+def test_the_model_calls_a_tool(server):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    reply = server.chat.completions.create(model="demo", temperature=0, max_tokens=60, messages=messages,
+                                           tools=tools)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+    # the result goes back as a tool message; the model answers from it
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "sunny"}'}]
+    answer = server.chat.completions.create(model="demo", temperature=0, max_tokens=60, messages=messages,
+                                            tools=tools)
+    assert answer.choices[0].finish_reason == "stop"
+    assert "21" in answer.choices[0].message.content
