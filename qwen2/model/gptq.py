@@ -18,10 +18,12 @@ As in the reference implementation:
 - sequential calibration: each decoder layer sees the outputs of the already-quantized layers
   before it, so later layers also correct the error accumulated upstream.
 
-Mixed precision: during calibration the error each int4 decoder layer writes into the residual
-stream is measured (on the calibration data, not on any benchmark). `GPTQConfig.int8_budget`
-keeps the worst decoder layers, by that measure, at int8 up to that share of the parameters (in
-the spirit of llama.cpp's Q4_K_M, which keeps some attn_v / ffn_down at 6 bits).
+Mixed precision: `GPTQConfig.int8_budget` keeps whole decoder layers at int8 up to that share of
+the decoder's parameters (in the spirit of llama.cpp's Q4_K_M, which keeps some attn_v / ffn_down
+at 6 bits). After calibration each decoder layer's sensitivity is measured on calibration windows
+(not on any benchmark): the KL divergence of the model's next-token distribution when only that
+layer is int4 (`layer_sensitivity`). Layers are chosen by sensitivity per parameter that int8 would
+add; layers the source already stores on the int4 grid (`exact`) stay int4, where they are lossless.
 
 Shape legend: N calibration sequences, T tokens per sequence, D hidden size, O out_features,
 I in_features, G group size.
@@ -69,12 +71,13 @@ class GPTQConfig:
     # int8 instead (0 = all int4), worst decoder layers first by measured error (module docstring).
     # The LM head's precision is the QuantConfig's to say (include_lm_head, int8_modules).
     int8_budget: float = 0.0
+    sensitivity_samples: int = 8  # calibration windows for the per-layer KL of the int8 budget
     calibration_dtype: torch.dtype = torch.bfloat16  # activations while calibrating (as at inference)
     seed: int = 0  # which calibration windows are drawn
     calibration_files: tuple[str, ...] = ()  # text files to calibrate on instead of the default sources
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size", "block_size"):
+        for name in ("num_samples", "seq_len", "batch_size", "block_size", "sensitivity_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTQConfig.{name} must be at least 1 (got {getattr(self, name)})")
         if not 0 <= self.damp < 1:
@@ -259,10 +262,9 @@ class GPTQResult:
     tensors: dict[str, dict[str, torch.Tensor]]  # module path -> portable tensors
     config: QuantConfig  # the QuantConfig to store (method "gptq", int8_modules filled in)
     relative_errors: dict[str, float]  # module path -> int4 relative output error on calibration data
-    # "model.layers.{i}" -> ||y_int4 - y_float||^2 / ||y_float - x||^2 for the decoder layer on its
-    # calibration inputs x: the error the layer's quantization writes into the residual stream,
-    # relative to the layer's own contribution
-    layer_errors: dict[str, float]
+    # "model.layers.{i}" -> KL(float model || the model with only that layer int4), per token, on
+    # calibration windows (layer_sensitivity); measured only for an int8 budget
+    layer_sensitivity: dict[str, float]
     seconds: float
     # The int4 tensors of the layers the int8 budget then kept at int8: the all-int4 result is
     # `tensors | replaced_int4`, so one calibration can be compared with and without the budget.
@@ -325,7 +327,6 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
 
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
-    layer_errors: dict[str, float] = {}
     hessians_kept: dict[str, torch.Tensor] = {}  # only while a mixed-precision choice is pending
     float_weights: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(tqdm(inner.layers, desc="gptq", disable=not progress)):
@@ -334,7 +335,7 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
         groups = [[n for n in group if quant.applies_to(prefix + n)] for group in _INPUT_GROUPS]
         groups = [g for g in groups if g]
         hooks = _HessianHooks({g[0]: work.get_submodule(g[0]) for g in groups})
-        y_float_NTD = run(work, x_NTD, layer.is_sliding)
+        run(work, x_NTD, layer.is_sliding)
         hooks.remove()
         for group in groups:
             H = hooks.hessians[group[0]] / (N * T)
@@ -348,12 +349,7 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
                 if gptq.int8_budget > 0 and quant.for_module(full).mode == "int4":
                     hessians_kept[full], float_weights[full] = H, weights[full]
                 work.get_submodule(full.removeprefix(prefix)).weight.copy_(deq)
-        y_NTD = run(work, x_NTD, layer.is_sliding)
-        # What the quantization of this decoder layer does to the residual stream, relative to what the
-        # layer adds to it: the mixed-precision rule ranks layers by this (see choose_int8_modules).
-        layer_errors[prefix.rstrip(".")] = float((y_NTD.float() - y_float_NTD.float()).pow(2).sum()
-                                                 / (y_float_NTD.float() - x_NTD.float()).pow(2).sum().clamp(min=1e-30))
-        x_NTD = y_NTD  # the quantized layer's outputs feed the next layer
+        x_NTD = run(work, x_NTD, layer.is_sliding)  # the quantized layer's outputs feed the next layer
         del work, hooks
 
     if quant.applies_to("lm_head"):
@@ -368,11 +364,19 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
     config = dataclasses.replace(quant, method="gptq",
                                  int8_modules={n for n in quant.int8_modules if n in tensors})
     replaced_int4: dict[str, dict[str, torch.Tensor]] = {}
+    sensitivity: dict[str, float] = {}
     if quant.mode == "int4" and gptq.int8_budget > 0:
-        # Each linear is scored by its decoder layer's residual-stream error, so whole layers go to
-        # int8 together, worst first.
-        scores = {n: layer_errors[n.rpartition(".")[0].rpartition(".")[0]] for n in float_weights}
-        chosen = choose_int8_modules(scores, {n: w.numel() for n, w in float_weights.items()}, gptq.int8_budget)
+        # Whole decoder layers go to int8, by KL per parameter that int8 would add; exact layers stay int4.
+        candidates = {n: w for n, w in float_weights.items() if not (exact and n in exact)}
+        sensitivity = layer_sensitivity(model, {n: tensors[n] for n in candidates}, quant,
+                                        calibration_ids_NT[:gptq.sensitivity_samples], gptq.calibration_dtype,
+                                        progress=progress)
+        layer_sizes: dict[str, int] = {}
+        for n, w in candidates.items():
+            layer_sizes[_decoder_layer(n)] = layer_sizes.get(_decoder_layer(n), 0) + w.numel()
+        chosen_layers = choose_int8_modules({n: sensitivity[n] / layer_sizes[n] for n in layer_sizes}, layer_sizes,
+                                            gptq.int8_budget, total=sum(w.numel() for w in float_weights.values()))
+        chosen = frozenset(n for n in candidates if _decoder_layer(n) in chosen_layers)
         config = dataclasses.replace(config, int8_modules=config.int8_modules | chosen)
         int8 = QuantConfig("int8")
         # int8 GPTQ with the same H. The layers after a chosen one were calibrated on inputs from its
@@ -382,19 +386,54 @@ def gptq_quantize_model(model: Qwen2ForCausalLM, calibration_ids_NT: torch.Tenso
             replaced_int4[name] = tensors[name]
             tensors[name] = gptq_quantize_weight(float_weights[name], hessians_kept[name], int8, damp=gptq.damp,
                                                  block_size=gptq.block_size, act_order=gptq.act_order)
-    return GPTQResult(tensors, config, errors, layer_errors, time.perf_counter() - started, replaced_int4)
+    return GPTQResult(tensors, config, errors, sensitivity, time.perf_counter() - started, replaced_int4)
 
 
-def choose_int8_modules(scores: dict[str, float], sizes: dict[str, int], budget: float) -> frozenset[str]:
-    """The layers to keep at int8: greedily by score (highest first), skipping any that would take
-    the int8 layers past `budget` of all the quantized parameters.
+def _decoder_layer(module: str) -> str:
+    """"model.layers.3.mlp.down_proj" -> "model.layers.3"."""
+    return module.rpartition(".")[0].rpartition(".")[0]
 
-    gptq_quantize_model scores each linear by its decoder layer's residual-stream error, measured on
-    the calibration data (no evaluation text involved). Ranking the linears by their own relative
-    output error instead was tried on the demo model: it favours the small v_proj layers and bought
-    little (+11.6% -> +8.8% perplexity with 10% of the parameters at int8, +9.2% with 20%).
+
+@torch.no_grad()
+def layer_sensitivity(model: Qwen2ForCausalLM, int4_tensors: dict[str, dict[str, torch.Tensor]], quant: QuantConfig,
+                      ids_NT: torch.Tensor, dtype: torch.dtype, *, progress: bool = False) -> dict[str, float]:
+    """For each decoder layer with tensors in `int4_tensors`: KL(p_float || p_int4 layer) per token, the
+    model's next-token distributions on `ids_NT` with float weights vs with only that layer's linears
+    replaced by their int4 values. (The model is read; the work runs on a `dtype` copy.)
+
+    Why this measure: on the demo model the int8 budget chosen by the error a layer writes into the
+    residual stream reached +7.6% held-out perplexity at 30% of the parameters; chosen by this KL per
+    added parameter, +3.5% at 27% (docs/BENCHMARKS.md).
     """
-    total = sum(sizes.values())
+    work = copy.deepcopy(model).to(dtype).eval()
+    by_layer: dict[str, list[str]] = {}
+    for name in int4_tensors:
+        by_layer.setdefault(_decoder_layer(name), []).append(name)
+    totals = dict.fromkeys(by_layer, 0.0)
+    for ids_T in tqdm(ids_NT, desc="layer sensitivity", disable=not progress):
+        ref_TV = torch.log_softmax(work(ids_T[None])[0].float(), -1)
+        for layer, names in by_layer.items():
+            saved = {n: work.get_submodule(n).weight.detach().clone() for n in names}
+            for n in names:
+                work.get_submodule(n).weight.copy_(dequantize_weight(int4_tensors[n], quant.for_module(n)))
+            logp_TV = torch.log_softmax(work(ids_T[None])[0].float(), -1)
+            totals[layer] += float((ref_TV.exp() * (ref_TV - logp_TV)).sum(-1).mean())
+            for n in names:
+                work.get_submodule(n).weight.copy_(saved[n])
+    return {layer: total / len(ids_NT) for layer, total in totals.items()}
+
+
+def choose_int8_modules(scores: dict[str, float], sizes: dict[str, int], budget: float, *,
+                        total: int | None = None) -> frozenset[str]:
+    """The names to keep at int8: greedily by score (highest first), skipping any that would take
+    the int8 ones past `budget` of `total` parameters (default: the sum of `sizes`).
+
+    gptq_quantize_model passes decoder layers scored by layer_sensitivity per parameter. Ranking the
+    linears by their own relative output error instead was tried on the demo model: it favours the
+    small v_proj layers and bought little (+11.6% -> +8.8% perplexity with 10% of the parameters at
+    int8, +9.2% with 20%).
+    """
+    total = sum(sizes.values()) if total is None else total
     chosen, used = set(), 0
     for name in sorted(scores, key=lambda n: (-scores[n], n)):
         if used + sizes[name] <= budget * total:

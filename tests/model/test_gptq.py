@@ -109,8 +109,15 @@ def test_int8_budget_keeps_the_worst_layers_at_int8():
     sizes = {name: m.weight.numel() for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and quant.applies_to(name)}
     assert chosen and sum(sizes[n] for n in chosen) <= 0.6 * sum(sizes.values())
-    worst = max(result.layer_errors, key=result.layer_errors.get)  # whole decoder layers, worst first
-    assert {f"{worst}.mlp.down_proj", f"{worst}.self_attn.v_proj"} <= chosen
+    # whole decoder layers, the most sensitive first (layers are the same size here)
+    assert set(result.layer_sensitivity) == {f"model.layers.{i}" for i in range(model.config.num_hidden_layers)}
+    assert all(v > 0 for v in result.layer_sensitivity.values())
+    worst = max(result.layer_sensitivity, key=result.layer_sensitivity.get)
+    layers_chosen = {n.rpartition(".")[0].rpartition(".")[0] for n in chosen}
+    assert worst in layers_chosen
+    assert all(f"{layer}.{part}" in chosen for layer in layers_chosen
+               for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     assert set(result.replaced_int4) == chosen  # their int4 versions, for comparison
     assert all(result.replaced_int4[n]["qweight"].dtype == torch.uint8 for n in chosen)
     assert all(result.tensors[n]["qweight"].dtype == torch.int8 for n in chosen)
@@ -138,6 +145,19 @@ def test_choose_int8_modules_ranks_by_error_within_the_budget():
     assert choose_int8_modules(errors, sizes, 0.0) == frozenset()
     assert choose_int8_modules(errors, sizes, 0.4) == {"b", "c"}  # "a" alone is over budget; skip it
     assert choose_int8_modules(errors, sizes, 1.0) == {"a", "b", "c", "d"}
+    assert choose_int8_modules(errors, sizes, 0.4, total=200) == {"a", "c", "d"}  # 80 of a larger total
+
+
+def test_layers_already_on_the_int4_grid_stay_int4_under_a_budget():
+    # A GGUF's 4-bit blocks are lossless at int4; int8 would round them again.
+    model = tiny_model()
+    quant = QuantConfig("int4", include_lm_head=False)
+    ids = text_like_ids(8, 32, seed=1)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(model.config.num_hidden_layers)]
+    exact = {n: quantize_weight(model.get_submodule(n).weight, quant) for n in names}
+    result = gptq_quantize_model(model, ids, quant, GPTQConfig(batch_size=4, int8_budget=0.9), exact=exact)
+    assert result.config.int8_modules and not (result.config.int8_modules & set(names))
+    assert all(torch.equal(result.tensors[n]["qweight"], exact[n]["qweight"]) for n in names)
 
 
 def test_calibration_ids_are_deterministic_and_from_the_standard_library(tmp_path):
