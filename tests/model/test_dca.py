@@ -1,0 +1,90 @@
+"""Dual Chunk Attention: plain attention within the trained context, the paper's definition on
+several chunks, and the same answer whether a sequence comes whole, in prefill chunks or token by
+token through the cache."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2.model.dca import DCAConfig, dca_attention, dca_reference, rotate_keys, rotate_queries
+from qwen2.model.rope import apply_rope, default_inv_freq, rope_cos_sin
+
+B, H, K, C = 2, 4, 2, 32
+INV_FREQ = default_inv_freq(C, 10000.0)
+
+
+def _qkv(T, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, T, C, generator=gen).to(dtype) for n in (H, K, K)]
+
+
+def _dca(q, k, v, dca, start=0):
+    """DCA over a whole sequence of unrotated q/k (keys rotated as a cache would hold them)."""
+    return dca_attention(rotate_queries(q, start, dca, INV_FREQ), rotate_keys(k, 0, dca, INV_FREQ), v, dca)
+
+
+@pytest.mark.parametrize("T", [40, 48, 64])
+def test_equals_plain_attention_within_the_trained_context(T):
+    # chunk_len 48: T = 40 is one DCA chunk; 48 < T <= 64 = chunk_size spans two, still exact
+    dca = DCAConfig(chunk_size=64, local_size=16, original_max_position_embeddings=64)
+    q, k, v = _qkv(T)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], INV_FREQ, 1.0, torch.float32)
+    expected = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True,
+                                              enable_gqa=True)
+    torch.testing.assert_close(_dca(q, k, v, dca), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,original", [(200, 0), (200, 64), (97, 64)])
+def test_matches_the_paper_definition_over_many_chunks(T, original):
+    dca = DCAConfig(chunk_size=64, local_size=16, original_max_position_embeddings=original)
+    q, k, v = _qkv(T, seed=1)
+    torch.testing.assert_close(_dca(q, k, v, dca), dca_reference(q, k, v, dca, INV_FREQ), atol=1e-5, rtol=1e-5)
+    # and it is not plain attention any more (the test would not notice a no-op)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], INV_FREQ, 1.0, torch.float32)
+    plain = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True,
+                                           enable_gqa=True)
+    assert (plain - _dca(q, k, v, dca)).abs().max() > 1e-2
+
+
+def test_prefill_chunks_and_decode_steps_equal_one_prefill():
+    dca = DCAConfig(chunk_size=64, local_size=16)  # no temperature: every prefix has the same scale
+    T = 150
+    q, k, v = _qkv(T, seed=2)
+    whole = _dca(q, k, v, dca)
+    keys = rotate_keys(k, 0, dca, INV_FREQ)  # what the cache holds
+    for start, end in [(0, 37), (37, 96), (96, 97), (97, 150)]:  # uneven prefill chunks, then steps
+        out = dca_attention(rotate_queries(q[:, :, start:end], start, dca, INV_FREQ), keys[:, :, :end],
+                            v[:, :, :end], dca)
+        torch.testing.assert_close(out, whole[:, :, start:end], atol=1e-5, rtol=1e-5)
+    for t in range(100, T):  # decode: one query at a time against the cached keys
+        out = dca_attention(rotate_queries(q[:, :, t:t + 1], t, dca, INV_FREQ), keys[:, :, :t + 1], v[:, :, :t + 1], dca)
+        torch.testing.assert_close(out, whole[:, :, t:t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_with_temperature_equals_a_prefill_of_the_same_length():
+    # YaRN's temperature follows the real length: a step at position t scores like a prefill of t + 1
+    dca = DCAConfig(chunk_size=64, local_size=16, original_max_position_embeddings=32)
+    q, k, v = _qkv(130, seed=3)
+    keys = rotate_keys(k, 0, dca, INV_FREQ)
+    for t in (40, 90, 129):
+        step = dca_attention(rotate_queries(q[:, :, t:t + 1], t, dca, INV_FREQ), keys[:, :, :t + 1], v[:, :, :t + 1], dca)
+        prefill = dca_reference(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], dca, INV_FREQ)[:, :, -1:]
+        torch.testing.assert_close(step, prefill, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_stays_close_to_the_float32_reference():
+    dca = DCAConfig(chunk_size=64, local_size=16, original_max_position_embeddings=64)
+    q, k, v = _qkv(180, seed=4)
+    reference = dca_reference(q, k, v, dca, INV_FREQ)
+    got = _dca(*(x.bfloat16() for x in (q, k, v)), dca)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+def test_bad_configs_and_missing_keys_are_named():
+    with pytest.raises(ValueError, match="local_size < chunk_size"):
+        DCAConfig(chunk_size=64, local_size=64)
+    dca = DCAConfig(chunk_size=64, local_size=16)
+    q, k, v = _qkv(10)
+    with pytest.raises(ValueError, match="keys of every position"):
+        dca_attention(rotate_queries(q, 5, dca, INV_FREQ), rotate_keys(k, 0, dca, INV_FREQ), v, dca)
