@@ -52,6 +52,9 @@ class Qwen2Config:
     sliding_window: int | None = None
     max_window_layers: int = 24
     layer_types: list[str] | None = None
+    # Dual Chunk Attention past the trained context (qwen2.model.dca): {chunk_size, local_size,
+    # original_max_position_embeddings}, vLLM's field
+    dual_chunk_attention_config: dict[str, Any] | None = None
     attention_dropout: float = 0.0
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
@@ -154,6 +157,15 @@ class Qwen2Config:
                 raise bad("sliding_window", "is required when layer_types has sliding_attention layers")
         if self.rope_scaling is not None:
             self._validate_rope_scaling(bad)
+        if self.dual_chunk_attention_config is not None:
+            dca = self.dual_chunk_attention_config
+            if not isinstance(dca, dict) or any(isinstance(dca.get(k), bool) or not isinstance(dca.get(k, 0), int)
+                                                for k in ("chunk_size", "local_size", "original_max_position_embeddings")):
+                raise bad("dual_chunk_attention_config", "must be an object of integers (chunk_size, local_size, "
+                                                         "original_max_position_embeddings) or null")
+            chunk, local = dca.get("chunk_size", 8192), dca.get("local_size", 1024)
+            if not 0 <= local < chunk:
+                raise bad("dual_chunk_attention_config", f"needs 0 <= local_size < chunk_size (got {local}, {chunk})")
         for eid in self.eos_token_ids:
             if not isinstance(eid, int) or not 0 <= eid < self.vocab_size:
                 raise bad("eos_token_id", f"ids must be in [0, vocab_size={self.vocab_size})")
@@ -234,7 +246,8 @@ class Qwen2Config:
         data = asdict(self)
         extra = data.pop("extra")
         explicit_nulls = getattr(self, "_explicit_nulls", set())
-        for name in ("head_dim", "layer_types", "rope_scaling", "pad_token_id", "sliding_window"):
+        for name in ("head_dim", "layer_types", "rope_scaling", "pad_token_id", "sliding_window",
+                     "dual_chunk_attention_config"):
             if data[name] is None and name not in explicit_nulls:
                 del data[name]
         data.update(extra)

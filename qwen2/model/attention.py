@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with QKV bias and RoPE; the one attention of the project (SDPA).
+"""Grouped-query self-attention with QKV bias and RoPE; the one attention of the project (SDPA, or
+Dual Chunk Attention past the trained context: qwen2.model.dca).
 
 Shape legend: B batch, T new tokens, S cached + new positions, D hidden size, H query heads,
 K kv heads, C head dim.
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2.config import Qwen2Config
+from qwen2.model.dca import DCARotary, dca_attention
 from qwen2.model.kv_cache import KVCache, round_to_bucket
 from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import apply_rope
@@ -33,7 +35,8 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # q/k/v merged, in quantized runtime models only
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
-                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None) -> torch.Tensor:
+                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None,
+                dca: DCARotary | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, K, C = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:  # quantized runtime models: one matmul (qwen2.model.quant.fuse_projections_)
@@ -43,14 +46,20 @@ class Attention(nn.Module):
         q_BHTC = q_BTX.reshape(B, T, H, C).transpose(1, 2)
         k_BKTC = k_BTX.reshape(B, T, K, C).transpose(1, 2)
         v_BKTC = v_BTX.reshape(B, T, K, C).transpose(1, 2)
-        q_BHTC = apply_rope(q_BHTC, cos_BTC, sin_BTC)
-        k_BKTC = apply_rope(k_BKTC, cos_BTC, sin_BTC)
+        if dca is not None:  # Dual Chunk Attention: keys at their place in a chunk, queries three ways
+            queries = dca.queries(q_BHTC)
+            k_BKTC = dca.keys(k_BKTC)
+        else:
+            q_BHTC = apply_rope(q_BHTC, cos_BTC, sin_BTC)
+            k_BKTC = apply_rope(k_BKTC, cos_BTC, sin_BTC)
         if kv_cache is not None:
             k_BKSC, v_BKSC = kv_cache.update(self.layer_idx, k_BKTC, v_BKTC)
         else:
             k_BKSC, v_BKSC = k_BKTC, v_BKTC
         # Query head h reads kv head h // (H / K), as transformers' repeat_kv does.
-        if T == 1 and not self.training:
+        if dca is not None:
+            out_BHTC = dca_attention(queries, k_BKSC, v_BKSC, dca.config)
+        elif T == 1 and not self.training:
             out_BHTC = decode_attention(q_BHTC, k_BKSC, v_BKSC, mask_B1TS)
         else:  # SDPA's enable_gqa does the grouping without materialising the repeated keys
             out_BHTC = F.scaled_dot_product_attention(

@@ -81,26 +81,46 @@ class DCAQueries:
     start: int  # absolute position of the first query (all rows alike)
 
 
+@dataclass
+class DCARotary:
+    """cos / sin (B|1, T, C) of a block of positions start .. start + T - 1 for the keys (also the
+    intra-chunk queries), the successive-chunk queries and the inter-chunk queries; computed once
+    per forward and shared by every layer."""
+
+    config: DCAConfig
+    start: int
+    key: tuple[torch.Tensor, torch.Tensor]
+    successive: tuple[torch.Tensor, torch.Tensor]
+    inter: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def build(cls, config: DCAConfig, start: int, num: int, inv_freq: torch.Tensor, dtype: torch.dtype,
+              device: torch.device | str = "cpu", attention_scaling: float = 1.0) -> DCARotary:
+        positions_1T = torch.arange(start, start + num, device=device)[None]
+        sets = (config.key_positions(positions_1T), config.successive_positions(positions_1T),
+                torch.full_like(positions_1T, config.inter_position()))
+        return cls(config, start, *(rope_cos_sin(p, inv_freq, attention_scaling, dtype) for p in sets))
+
+    def keys(self, k_BKTC: torch.Tensor) -> torch.Tensor:
+        return apply_rope(k_BKTC, *self.key)
+
+    def queries(self, q_BHTC: torch.Tensor) -> DCAQueries:
+        return DCAQueries(apply_rope(q_BHTC, *self.key), apply_rope(q_BHTC, *self.successive),
+                          apply_rope(q_BHTC, *self.inter), self.start)
+
+
 def rotate_queries(q_BHTC: torch.Tensor, start: int, dca: DCAConfig, inv_freq: torch.Tensor,
                    attention_scaling: float = 1.0) -> DCAQueries:
     """The three rotations of unrotated queries at positions start .. start + T - 1."""
-    B, _, T, _ = q_BHTC.shape
-    positions_1T = torch.arange(start, start + T, device=q_BHTC.device)[None]
-    sets = (dca.key_positions(positions_1T), dca.successive_positions(positions_1T),
-            torch.full_like(positions_1T, dca.inter_position()))
-    rotated = []
-    for pos_1T in sets:
-        cos, sin = rope_cos_sin(pos_1T, inv_freq, attention_scaling, q_BHTC.dtype)
-        rotated.append(apply_rope(q_BHTC, cos, sin))
-    return DCAQueries(*rotated, start=start)
+    rotary = DCARotary.build(dca, start, q_BHTC.shape[2], inv_freq, q_BHTC.dtype, q_BHTC.device, attention_scaling)
+    return rotary.queries(q_BHTC)
 
 
 def rotate_keys(k_BKTC: torch.Tensor, start: int, dca: DCAConfig, inv_freq: torch.Tensor,
                 attention_scaling: float = 1.0) -> torch.Tensor:
     """Keys at positions start .. start + T - 1, rotated once, to their place inside their chunk."""
-    positions_1T = torch.arange(start, start + k_BKTC.shape[2], device=k_BKTC.device)[None]
-    cos, sin = rope_cos_sin(dca.key_positions(positions_1T), inv_freq, attention_scaling, k_BKTC.dtype)
-    return apply_rope(k_BKTC, cos, sin)
+    rotary = DCARotary.build(dca, start, k_BKTC.shape[2], inv_freq, k_BKTC.dtype, k_BKTC.device, attention_scaling)
+    return rotary.keys(k_BKTC)
 
 
 def _attend(q_BHTC: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor, *, causal: bool,

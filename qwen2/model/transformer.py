@@ -17,11 +17,12 @@ from torch import nn
 
 from qwen2.config import Qwen2Config
 from qwen2.model.attention import Attention
+from qwen2.model.dca import DCAConfig, DCARotary
 from qwen2.model.kv_cache import KVCache
 from qwen2.model.loss import chunked_cross_entropy
 from qwen2.model.mlp import MLP
 from qwen2.model.paged_kv_cache import PagedBatch
-from qwen2.model.rope import rope_cos_sin, rope_parameters
+from qwen2.model.rope import default_inv_freq, rope_cos_sin, rope_parameters
 
 
 class RMSNorm(nn.Module):
@@ -47,9 +48,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
-                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None) -> torch.Tensor:
+                mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None,
+                dca: DCARotary | None = None) -> torch.Tensor:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTC, sin_BTC,
-                                       mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
+                                       mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache, dca=dca)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD
 
@@ -114,8 +116,18 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # RoPE frequencies are derived from the config, never loaded, so they are plain attributes
         # (not buffers): meta-device construction and state-dict loading cannot disturb them.
-        self.inv_freq, self.attention_scaling = rope_parameters(config)
+        self.set_rope(config)
         self.gradient_checkpointing = False  # training: recompute layer activations in backward
+
+    def set_rope(self, config: Qwen2Config) -> None:
+        """RoPE frequencies and attention scaling, and Dual Chunk Attention, as `config` says."""
+        self.inv_freq, self.attention_scaling = rope_parameters(config)
+        self.dca: DCAConfig | None = None
+        if config.dual_chunk_attention_config:
+            # DCA keeps every query-key distance inside the trained range, so RoPE stays unscaled: of
+            # YaRN only the attention temperature is used, from the real length (qwen2.model.dca).
+            self.dca = DCAConfig.from_dict(config.dual_chunk_attention_config)
+            self.inv_freq, self.attention_scaling = default_inv_freq(config.dim_per_head, config.rope_theta), 1.0
 
     def forward(self, input_ids_BT: torch.Tensor, *, positions_BT: torch.Tensor | None = None,
                 attention_mask_BS: torch.Tensor | None = None,
@@ -151,6 +163,8 @@ class Qwen2Model(nn.Module):
                 positions_BT = torch.arange(past, past + T, device=device).expand(B, T)
 
         x_BTD = self.embed_tokens(input_ids_BT)
+        if self.dca is not None:
+            return self._forward_dca(x_BTD, past, kv_cache, attention_mask_BS, document_ids_BT, positions_BT)
         cos_BTC, sin_BTC = rope_cos_sin(positions_BT, self.inv_freq, self.attention_scaling, x_BTD.dtype)
         full_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS, sliding_window=None,
                                    device=device, document_ids_BT=document_ids_BT)
@@ -172,6 +186,27 @@ class Qwen2Model(nn.Module):
         return self.norm(x_BTD)
 
 
+    def _forward_dca(self, x_BTD: torch.Tensor, past: int | torch.Tensor, kv_cache: KVCache | PagedBatch | None,
+                     attention_mask_BS: torch.Tensor | None, document_ids_BT: torch.Tensor | None,
+                     positions_BT: torch.Tensor) -> torch.Tensor:
+        """Every layer with Dual Chunk Attention: rows of one length at positions past .. past + T - 1
+        (no padding, packed documents or paged batches of mixed lengths yet), causal, no window."""
+        B, T, _ = x_BTD.shape
+        if not isinstance(past, int) or attention_mask_BS is not None or document_ids_BT is not None:
+            raise ValueError("Dual Chunk Attention runs on rows of equal length without padding (static cache "
+                             "or none); padded, packed or paged batches are not supported with it")
+        if not torch.equal(positions_BT, torch.arange(past, past + T, device=positions_BT.device).expand(B, T)):
+            raise ValueError("Dual Chunk Attention needs consecutive positions from the cache length")
+        if any(layer.is_sliding for layer in self.layers):
+            raise ValueError("Dual Chunk Attention and sliding-window layers cannot be combined")
+        rotary = DCARotary.build(self.dca, past, T, self.inv_freq, x_BTD.dtype, x_BTD.device)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, *rotary.key, mask_B1TS=None, is_causal=True, kv_cache=kv_cache, dca=rotary)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm(x_BTD)
+
+
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
@@ -187,7 +222,7 @@ class Qwen2ForCausalLM(nn.Module):
                    if v is not None}
         config = dataclasses.replace(self.config, **changes)  # validated again in __post_init__
         self.config = self.model.config = config
-        self.model.inv_freq, self.model.attention_scaling = rope_parameters(config)
+        self.model.set_rope(config)
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when the config says so (small Qwen2 sizes).

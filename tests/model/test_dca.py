@@ -88,3 +88,43 @@ def test_bad_configs_and_missing_keys_are_named():
     q, k, v = _qkv(10)
     with pytest.raises(ValueError, match="keys of every position"):
         dca_attention(rotate_queries(q, 5, dca, INV_FREQ), rotate_keys(k, 0, dca, INV_FREQ), v, dca)
+
+
+def _tiny(dca_config=None, seed=0):
+    import dataclasses
+
+    from qwen2.config import PRESETS
+    from qwen2.model import Qwen2ForCausalLM
+
+    config = dataclasses.replace(PRESETS["tiny"], max_position_embeddings=64, dual_chunk_attention_config=dca_config)
+    model = Qwen2ForCausalLM(config)
+    model.init_weights(seed=seed)
+    return model.eval()
+
+
+def test_a_model_with_dca_is_the_plain_model_within_chunk_size():
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(5))
+    plain, with_dca = _tiny(), _tiny({"chunk_size": 64, "local_size": 16, "original_max_position_embeddings": 64})
+    with torch.no_grad():
+        torch.testing.assert_close(with_dca(ids), plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_model_decode_through_the_cache_equals_a_full_prefill_past_the_context():
+    from qwen2.model import KVCache
+
+    model = _tiny({"chunk_size": 32, "local_size": 8, "original_max_position_embeddings": 32})
+    ids = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(6))  # ~5x chunk_size
+    with torch.no_grad():
+        cache = KVCache.allocate(model.config, batch_size=2, max_seq_len=150)
+        steps = [model(ids[:, :100], kv_cache=cache, logits_to_keep=1)]
+        steps += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(100, 150)]
+        for t, logits in zip(range(99, 150), steps):
+            full = model(ids[:, :t + 1], logits_to_keep=1)  # a prefill of the same length (same temperature)
+            torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_dca_refuses_batches_it_cannot_run():
+    model = _tiny({"chunk_size": 32, "local_size": 8})
+    ids = torch.randint(0, 256, (2, 10))
+    with pytest.raises(ValueError, match="without padding"), torch.no_grad():
+        model(ids, attention_mask_BS=torch.tensor([[0] * 3 + [1] * 7, [1] * 10]))
