@@ -190,6 +190,8 @@ class Qwen2Config:
         for key in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
             number(key, minimum=1.0)
         number("attention_factor", minimum=0.0)
+        if not isinstance(rs.get("length_adaptive", False), bool) or (rs.get("length_adaptive") and rope_type != "yarn"):
+            raise bad("rope_scaling", "'length_adaptive' must be true or false, and applies to yarn only")
 
     @property
     def rope_type(self) -> str:

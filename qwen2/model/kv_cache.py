@@ -44,6 +44,9 @@ class KVCache:
     k_scale_LBKC: torch.Tensor | None = None  # keys: one float32 scale per channel
     v_scale_LBKSg: torch.Tensor | None = None  # values: g = C / KV_GROUP scales per vector
     compute_dtype: torch.dtype | None = None
+    # the sequence length the caller allocated for (before rounding to buckets): length-adaptive
+    # YaRN picks its scale from it once, so every token of the sequence is rotated alike
+    planned_len: int = 0
 
     @classmethod
     def allocate(cls, config: Qwen2Config, *, batch_size: int, max_seq_len: int,
@@ -62,8 +65,10 @@ class KVCache:
             return cls(torch.zeros(shape, dtype=torch.int8, device=device),
                        torch.zeros(shape, dtype=torch.int8, device=device),
                        k_scale_LBKC=torch.zeros((*shape[:3], shape[4]), dtype=torch.float32, device=device),
-                       v_scale_LBKSg=torch.zeros(scale_shape, dtype=dtype, device=device), compute_dtype=dtype)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       v_scale_LBKSg=torch.zeros(scale_shape, dtype=dtype, device=device), compute_dtype=dtype,
+                       planned_len=max_seq_len)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   planned_len=max_seq_len)
 
     @property
     def quantized(self) -> bool:

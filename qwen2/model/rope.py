@@ -23,14 +23,17 @@ def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** exponents)
 
 
-def yarn_inv_freq(head_dim: int, theta: float, rope_scaling: dict, original_max_positions: int) -> tuple[torch.Tensor, float]:
+def yarn_inv_freq(head_dim: int, theta: float, rope_scaling: dict, original_max_positions: int, *,
+                  factor: float | None = None) -> tuple[torch.Tensor, float]:
     """YaRN (static): blend interpolated and original frequencies; returns (inv_freq, attention_scaling).
 
     Follows the YaRN paper / vLLM semantics: `factor` comes from the config and the correction
     range from `original_max_position_embeddings` (some transformers versions overwrite the factor,
-    transformers#38224; we do not).
+    transformers#38224; we do not). `factor` given here overrides the config's (length-adaptive YaRN).
     """
-    factor = float(rope_scaling["factor"])
+    factor = float(rope_scaling["factor"]) if factor is None else float(factor)
+    if factor <= 1:
+        return default_inv_freq(head_dim, theta), 1.0  # no scaling at all: exactly plain RoPE
     beta_fast = float(rope_scaling.get("beta_fast") or 32)
     beta_slow = float(rope_scaling.get("beta_slow") or 1)
     original = int(rope_scaling.get("original_max_position_embeddings") or original_max_positions)
@@ -64,6 +67,19 @@ def rope_parameters(config: Qwen2Config) -> tuple[torch.Tensor, float]:
     if rope_type == "yarn":
         return yarn_inv_freq(head_dim, theta, config.rope_scaling, config.max_position_embeddings)
     raise ValueError(f"unsupported rope type {rope_type!r}")
+
+
+def yarn_scale_for_length(config: Qwen2Config, length: int) -> float:
+    """Length-adaptive YaRN (`rope_scaling.length_adaptive`): the scale a sequence of `length` tokens
+    needs, length / original context, at least 1 (short inputs get plain RoPE, which the Qwen docs
+    warn static YaRN would not give them) and at most the config's factor."""
+    rs = config.rope_scaling or {}
+    original = int(rs.get("original_max_position_embeddings") or config.max_position_embeddings)
+    return min(float(rs["factor"]), max(1.0, length / original))
+
+
+def is_length_adaptive(config: Qwen2Config) -> bool:
+    return config.rope_type == "yarn" and bool((config.rope_scaling or {}).get("length_adaptive"))
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float,

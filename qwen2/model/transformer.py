@@ -22,7 +22,8 @@ from qwen2.model.kv_cache import KVCache
 from qwen2.model.loss import chunked_cross_entropy
 from qwen2.model.mlp import MLP
 from qwen2.model.paged_kv_cache import PagedBatch
-from qwen2.model.rope import default_inv_freq, rope_cos_sin, rope_parameters
+from qwen2.model.rope import (default_inv_freq, is_length_adaptive, rope_cos_sin, rope_parameters,
+                              yarn_inv_freq, yarn_scale_for_length)
 
 
 class RMSNorm(nn.Module):
@@ -122,6 +123,7 @@ class Qwen2Model(nn.Module):
     def set_rope(self, config: Qwen2Config) -> None:
         """RoPE frequencies and attention scaling, and Dual Chunk Attention, as `config` says."""
         self.inv_freq, self.attention_scaling = rope_parameters(config)
+        self._adaptive_rope: dict[float, tuple[torch.Tensor, float]] = {}  # length-adaptive YaRN, per scale
         self.dca: DCAConfig | None = None
         if config.dual_chunk_attention_config:
             # DCA keeps every query-key distance inside the trained range, so RoPE stays unscaled: of
@@ -165,7 +167,8 @@ class Qwen2Model(nn.Module):
         x_BTD = self.embed_tokens(input_ids_BT)
         if self.dca is not None:
             return self._forward_dca(x_BTD, past, kv_cache, attention_mask_BS, document_ids_BT, positions_BT)
-        cos_BTC, sin_BTC = rope_cos_sin(positions_BT, self.inv_freq, self.attention_scaling, x_BTD.dtype)
+        inv_freq, attention_scaling = self._rope_for(kv_cache, past + T if isinstance(past, int) else None)
+        cos_BTC, sin_BTC = rope_cos_sin(positions_BT, inv_freq, attention_scaling, x_BTD.dtype)
         full_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS, sliding_window=None,
                                    device=device, document_ids_BT=document_ids_BT)
         sliding_mask = full_mask
@@ -185,6 +188,24 @@ class Qwen2Model(nn.Module):
             kv_cache.advance(T)  # the one place the cache moves forward
         return self.norm(x_BTD)
 
+
+    def _rope_for(self, kv_cache: KVCache | PagedBatch | None, length: int | None) -> tuple[torch.Tensor, float]:
+        """The RoPE frequencies of this forward. Static unless length-adaptive YaRN is on: then the
+        scale follows the sequence's length, the planned length of a cache (fixed for the whole
+        sequence, so cached keys stay valid) or the length of this forward without one."""
+        if not is_length_adaptive(self.config):
+            return self.inv_freq, self.attention_scaling
+        if isinstance(kv_cache, PagedBatch):
+            raise ValueError("length-adaptive YaRN needs one planned length per sequence, which the paged "
+                             "engine does not give it yet: use static YaRN (drop rope_scaling.length_adaptive)")
+        if kv_cache is not None:
+            length = kv_cache.planned_len or kv_cache.max_seq_len
+        scale = yarn_scale_for_length(self.config, length)
+        if scale not in self._adaptive_rope:
+            c = self.config
+            self._adaptive_rope[scale] = yarn_inv_freq(c.dim_per_head, float(c.rope_theta), c.rope_scaling,
+                                                       c.max_position_embeddings, factor=scale)
+        return self._adaptive_rope[scale]
 
     def _forward_dca(self, x_BTD: torch.Tensor, past: int | torch.Tensor, kv_cache: KVCache | PagedBatch | None,
                      attention_mask_BS: torch.Tensor | None, document_ids_BT: torch.Tensor | None,
