@@ -244,6 +244,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _long_context(args: argparse.Namespace, pretrained: Any, longest: int) -> dict:
+    from qwen2.eval.long_context import configure_long_context
+
+    settings = configure_long_context(pretrained.model, yarn=args.yarn, adaptive=args.yarn_adaptive, dca=args.dca,
+                                      dca_chunk_size=args.dca_chunk_size, dca_local_size=args.dca_local_size,
+                                      max_length=longest)
+    mode = " + ".join(m for m, on in (("YaRN" + (" (length-adaptive)" if args.yarn_adaptive else ""), args.yarn),
+                                      ("DCA", args.dca)) if on) or "plain RoPE"
+    print(f"long context: {mode}; trained context {settings['original_context']}", file=sys.stderr)
+    return settings
+
+
+def _lengths(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 16 for v in values):
+        raise ValueError(f"{flag}: need lengths of at least 16 tokens, got {text!r}")
+    return values
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from qwen2.eval.long_context import long_perplexity
+
+    lengths = _lengths(args.lengths, "--lengths")
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    pretrained = _load(args)
+    _long_context(args, pretrained, max(lengths))
+    ids = pretrained.tokenizer.encode(text)
+    results = long_perplexity(pretrained.model, ids, lengths, windows=args.windows, chunk=args.chunk,
+                              progress=sys.stderr.isatty())
+    print("| length | perplexity | windows | scored tokens |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r.length} | {r.perplexity:.4f} | {r.windows} | {r.tokens} |")
+    return 0
+
+
+def cmd_eval_needle(args: argparse.Namespace) -> int:
+    from qwen2.eval.long_context import needle_grid, needle_heatmap, needle_table
+
+    lengths = _lengths(args.lengths, "--lengths")
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise ValueError(f"--depths takes comma-separated numbers in [0, 1], got {args.depths!r}") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths takes numbers in [0, 1], got {args.depths!r}")
+    pretrained = _load(args)
+    _long_context(args, pretrained, max(lengths) + 64)
+    started = time.perf_counter()
+    results = needle_grid(pretrained.model, pretrained.tokenizer, lengths, depths, seed=args.seed, chunk=args.chunk,
+                          progress=sys.stderr.isatty())
+    table = needle_table(results)
+    print(table)
+    found = sum(r.found for r in results)
+    print(f"\nfound {found} of {len(results)} needles in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "needle.md").write_text(table + "\n", encoding="utf-8")
+        mode = "+".join(m for m, on in (("YaRN", args.yarn), ("DCA", args.dca)) if on) or "RoPE"
+        if needle_heatmap(results, out / "needle.png", f"needle in a haystack ({mode})"):
+            print(f"wrote {out / 'needle.md'} and {out / 'needle.png'}", file=sys.stderr)
+        else:
+            print(f"wrote {out / 'needle.md'} (no PNG: matplotlib is not installed)", file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from qwen2.data.readers import expand_paths, iter_documents
     from qwen2.tokenizer.trainer import CONTROL_TOKENS, TrainerConfig, train_tokenizer
@@ -360,6 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="evaluations: long-context perplexity, needle in a haystack")
+    esub = p.add_subparsers(dest="eval_verb", required=True)
+    for name, text, func in (("ppl", "perplexity of long windows of a text file at several lengths", cmd_eval_ppl),
+                             ("needle", "needle-in-a-haystack over context lengths and depths", cmd_eval_needle)):
+        e = esub.add_parser(name, help=text)
+        _add_model_args(e)
+        e.add_argument("--yarn", type=float, default=None, metavar="FACTOR",
+                       help="YaRN with this factor over the trained context (with --dca: only its temperature)")
+        e.add_argument("--yarn-adaptive", action="store_true", help="YaRN scale from each sequence's length")
+        e.add_argument("--dca", action="store_true", help="Dual Chunk Attention")
+        e.add_argument("--dca-chunk-size", type=int, default=None, help="default: the trained context")
+        e.add_argument("--dca-local-size", type=int, default=None, help="default: chunk size / 16")
+        e.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens per forward)")
+        e.set_defaults(func=func)
+        if name == "ppl":
+            e.add_argument("--file", required=True, help="UTF-8 text file (long documents)")
+            e.add_argument("--lengths", required=True, help="comma-separated window lengths in tokens")
+            e.add_argument("--windows", type=int, default=4, help="windows per length")
+        else:
+            e.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens")
+            e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
+            e.add_argument("--seed", type=int, default=0)
+            e.add_argument("--out", default=None, help="directory for needle.md and needle.png")
 
     p = sub.add_parser("convert", help="convert a GGUF / HF directory / hub id into a Hugging Face directory")
     p.add_argument("src")
