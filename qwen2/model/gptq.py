@@ -402,8 +402,8 @@ def layer_sensitivity(model: Qwen2ForCausalLM, int4_tensors: dict[str, dict[str,
     replaced by their int4 values. (The model is read; the work runs on a `dtype` copy.)
 
     Why this measure: on the demo model the int8 budget chosen by the error a layer writes into the
-    residual stream reached +7.6% held-out perplexity at 30% of the parameters; chosen by this KL per
-    added parameter, +3.5% at 27% (docs/BENCHMARKS.md).
+    residual stream reached +7.56% held-out perplexity with a 30% budget; chosen by this KL per
+    added parameter, +4.65% (docs/BENCHMARKS.md).
     """
     work = copy.deepcopy(model).to(dtype).eval()
     by_layer: dict[str, list[str]] = {}
