@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2.config import Qwen2Config
-from qwen2.model.dca import DCARotary, dca_attention
+from qwen2.model.dca import DCARotary
 from qwen2.model.kv_cache import KVCache, round_to_bucket
 from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import apply_rope
@@ -47,7 +47,6 @@ class Attention(nn.Module):
         k_BKTC = k_BTX.reshape(B, T, K, C).transpose(1, 2)
         v_BKTC = v_BTX.reshape(B, T, K, C).transpose(1, 2)
         if dca is not None:  # Dual Chunk Attention: keys at their place in a chunk, queries three ways
-            queries = dca.queries(q_BHTC)
             k_BKTC = dca.keys(k_BKTC)
         else:
             q_BHTC = apply_rope(q_BHTC, cos_BTC, sin_BTC)
@@ -58,7 +57,7 @@ class Attention(nn.Module):
             k_BKSC, v_BKSC = k_BKTC, v_BKTC
         # Query head h reads kv head h // (H / K), as transformers' repeat_kv does.
         if dca is not None:
-            out_BHTC = dca_attention(queries, k_BKSC, v_BKSC, dca.config)
+            out_BHTC = dca.attend(q_BHTC, k_BKSC, v_BKSC)
         elif T == 1 and not self.training:
             out_BHTC = decode_attention(q_BHTC, k_BKSC, v_BKSC, mask_B1TS)
         else:  # SDPA's enable_gqa does the grouping without materialising the repeated keys

@@ -83,30 +83,50 @@ class DCAQueries:
 
 @dataclass
 class DCARotary:
-    """cos / sin (B|1, T, C) of a block of positions start .. start + T - 1 for the keys (also the
-    intra-chunk queries), the successive-chunk queries and the inter-chunk queries; computed once
-    per forward and shared by every layer."""
+    """cos / sin (B|1, T, C) of a block of positions for the keys (also the intra-chunk queries), the
+    successive-chunk queries and the inter-chunk queries; computed once per forward and shared by
+    every layer. Row b's positions are starts[b] .. starts[b] + T - 1 (rows of a paged batch may
+    differ; one start for all rows otherwise)."""
 
     config: DCAConfig
-    start: int
+    starts: list[int]
     key: tuple[torch.Tensor, torch.Tensor]
     successive: tuple[torch.Tensor, torch.Tensor]
     inter: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
-    def build(cls, config: DCAConfig, start: int, num: int, inv_freq: torch.Tensor, dtype: torch.dtype,
+    def build(cls, config: DCAConfig, starts: int | list[int], num: int, inv_freq: torch.Tensor, dtype: torch.dtype,
               device: torch.device | str = "cpu", attention_scaling: float = 1.0) -> DCARotary:
-        positions_1T = torch.arange(start, start + num, device=device)[None]
-        sets = (config.key_positions(positions_1T), config.successive_positions(positions_1T),
-                torch.full_like(positions_1T, config.inter_position()))
-        return cls(config, start, *(rope_cos_sin(p, inv_freq, attention_scaling, dtype) for p in sets))
+        starts = [starts] if isinstance(starts, int) else list(starts)
+        positions_BT = torch.tensor(starts, device=device)[:, None] + torch.arange(num, device=device)[None]
+        sets = (config.key_positions(positions_BT), config.successive_positions(positions_BT),
+                torch.full_like(positions_BT, config.inter_position()))
+        return cls(config, starts, *(rope_cos_sin(p, inv_freq, attention_scaling, dtype) for p in sets))
 
     def keys(self, k_BKTC: torch.Tensor) -> torch.Tensor:
         return apply_rope(k_BKTC, *self.key)
 
     def queries(self, q_BHTC: torch.Tensor) -> DCAQueries:
+        if len(self.starts) != 1:
+            raise ValueError("queries of rows with different starts: use attend()")
         return DCAQueries(apply_rope(q_BHTC, *self.key), apply_rope(q_BHTC, *self.successive),
-                          apply_rope(q_BHTC, *self.inter), self.start)
+                          apply_rope(q_BHTC, *self.inter), self.starts[0])
+
+    def attend(self, q_BHTC: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor) -> torch.Tensor:
+        """DCA for unrotated queries over cached keys (rotated by `keys`): row b reads its first
+        starts[b] + T slots (a paged batch holds max(starts) + T, shorter rows' extra slots empty)."""
+        T = q_BHTC.shape[2]
+        intra, successive, inter = (apply_rope(q_BHTC, *cs) for cs in (self.key, self.successive, self.inter))
+        if len(self.starts) == 1:
+            end = self.starts[0] + T
+            return dca_attention(DCAQueries(intra, successive, inter, self.starts[0]), k_BKSC[:, :, :end],
+                                 v_BKSC[:, :, :end], self.config)
+        rows = []
+        for b, start in enumerate(self.starts):
+            queries = DCAQueries(intra[b:b + 1], successive[b:b + 1], inter[b:b + 1], start)
+            rows.append(dca_attention(queries, k_BKSC[b:b + 1, :, :start + T], v_BKSC[b:b + 1, :, :start + T],
+                                      self.config))
+        return torch.cat(rows)
 
 
 def rotate_queries(q_BHTC: torch.Tensor, start: int, dca: DCAConfig, inv_freq: torch.Tensor,

@@ -210,17 +210,21 @@ class Qwen2Model(nn.Module):
     def _forward_dca(self, x_BTD: torch.Tensor, past: int | torch.Tensor, kv_cache: KVCache | PagedBatch | None,
                      attention_mask_BS: torch.Tensor | None, document_ids_BT: torch.Tensor | None,
                      positions_BT: torch.Tensor) -> torch.Tensor:
-        """Every layer with Dual Chunk Attention: rows of one length at positions past .. past + T - 1
-        (no padding, packed documents or paged batches of mixed lengths yet), causal, no window."""
+        """Every layer with Dual Chunk Attention: each row at consecutive positions from its cached
+        length (one for all rows, or per row in a paged batch); no padding or packed documents yet,
+        causal, no window."""
         B, T, _ = x_BTD.shape
-        if not isinstance(past, int) or attention_mask_BS is not None or document_ids_BT is not None:
-            raise ValueError("Dual Chunk Attention runs on rows of equal length without padding (static cache "
-                             "or none); padded, packed or paged batches are not supported with it")
-        if not torch.equal(positions_BT, torch.arange(past, past + T, device=positions_BT.device).expand(B, T)):
+        if attention_mask_BS is not None or document_ids_BT is not None:
+            raise ValueError("Dual Chunk Attention runs on rows without padding (static cache, paged batch or "
+                             "none); padded or packed batches are not supported with it")
+        starts = [past] * B if isinstance(past, int) else [int(p) for p in past]
+        expected_BT = torch.tensor(starts, device=positions_BT.device)[:, None] + torch.arange(T, device=positions_BT.device)
+        if not torch.equal(positions_BT, expected_BT):
             raise ValueError("Dual Chunk Attention needs consecutive positions from the cache length")
         if any(layer.is_sliding for layer in self.layers):
             raise ValueError("Dual Chunk Attention and sliding-window layers cannot be combined")
-        rotary = DCARotary.build(self.dca, past, T, self.inv_freq, x_BTD.dtype, x_BTD.device)
+        uniform = isinstance(past, int)
+        rotary = DCARotary.build(self.dca, past if uniform else starts, T, self.inv_freq, x_BTD.dtype, x_BTD.device)
         for layer in self.layers:
             x_BTD = layer(x_BTD, *rotary.key, mask_B1TS=None, is_causal=True, kv_cache=kv_cache, dca=rotary)
         if kv_cache is not None:

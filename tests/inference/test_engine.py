@@ -174,3 +174,20 @@ def test_a_request_longer_than_the_pool_ends_with_length(model, byte_tokenizer):
         pytest.fail("the request never finished (it kept preempting itself)")
     _, ids, last = handle.result()
     assert last.finish_reason in ("length", "stop") and 10 + len(ids) <= 32
+
+
+def test_dual_chunk_attention_in_the_paged_engine(byte_tokenizer):
+    # Rows at different lengths in one batch, each past several DCA chunks: the engine's answers
+    # equal the static-cache generator's, token for token.
+    config = dataclasses.replace(PRESETS["tiny"], eos_token_id=STOP_ID, max_position_embeddings=512,
+                                 dual_chunk_attention_config={"chunk_size": 32, "local_size": 8})
+    dca_model = Qwen2ForCausalLM(config)
+    dca_model.init_weights(seed=0)
+    dca_model.eval()
+    prompts = _prompts(5, seed=3)
+    params = SamplingParams(max_new_tokens=30)
+    engine = Engine(dca_model, byte_tokenizer, EngineConfig(max_batch_size=4, block_size=8, prefill_chunk=16))
+    handles = [engine.submit(p, params) for p in prompts]
+    _drain(engine)
+    for prompt, handle in zip(prompts, handles):
+        assert handle.result()[1] == _reference(dca_model, prompt, params)
