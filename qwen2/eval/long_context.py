@@ -55,7 +55,7 @@ def configure_long_context(model: Qwen2ForCausalLM, *, yarn: float | None = None
 
 @torch.inference_mode()
 def sequence_nll(model: Qwen2ForCausalLM, ids: torch.Tensor, *, chunk: int = 2048,
-                 head_rows: int = 1024) -> tuple[float, int]:
+                 head_rows: int = 256) -> tuple[float, int]:
     """(summed negative log-likelihood, scored tokens) of one sequence of token ids, fed through a KV
     cache `chunk` tokens at a time."""
     T = len(ids)
