@@ -174,7 +174,11 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
+                # Event files are named by the second the writer opens (and host and pid): a run resumed
+                # within the same second in the same process would reuse, and overwrite, the previous
+                # file. A unique suffix keeps every part of a resumed run.
+                self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1,
+                                           filename_suffix=f".{time.time_ns()}")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
