@@ -247,13 +247,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _long_context(args: argparse.Namespace, pretrained: Any, longest: int) -> dict:
     from qwen2.eval.long_context import configure_long_context
 
+    sparse = None
+    if args.sparse:
+        sparse = {k: v for k, v in (("threshold", args.sparse_threshold), ("coverage", args.sparse_coverage))
+                  if v is not None}
     settings = configure_long_context(pretrained.model, yarn=args.yarn, adaptive=args.yarn_adaptive, dca=args.dca,
                                       dca_chunk_size=args.dca_chunk_size, dca_local_size=args.dca_local_size,
-                                      max_length=longest)
+                                      max_length=longest, sparse=sparse)
     mode = " + ".join(m for m, on in (("YaRN" + (" (length-adaptive)" if args.yarn_adaptive else ""), args.yarn),
-                                      ("DCA", args.dca)) if on) or "plain RoPE"
+                                      ("DCA", args.dca), ("sparse prefill", args.sparse)) if on) or "plain RoPE"
     print(f"long context: {mode}; trained context {settings['original_context']}", file=sys.stderr)
     return settings
+
+
+def _sparse_summary(pretrained: Any) -> None:
+    sparse = pretrained.model.model.sparse
+    if sparse is not None:
+        stats = sparse.stats
+        print(f"sparse prefill: {stats.calls} sparse attention calls read {stats.density:.1%} of the (query, key) "
+              f"pairs dense attention reads", file=sys.stderr)
 
 
 def _lengths(text: str, flag: str) -> list[int]:
@@ -278,11 +290,14 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     pretrained = _load(args)
     _long_context(args, pretrained, max(lengths))
     ids = pretrained.tokenizer.encode(text)
+    started = time.perf_counter()
     results = long_perplexity(pretrained.model, ids, lengths, windows=args.windows, chunk=args.chunk,
                               progress=sys.stderr.isatty())
     print("| length | perplexity | windows | scored tokens |\n|---|---|---|---|")
     for r in results:
         print(f"| {r.length} | {r.perplexity:.4f} | {r.windows} | {r.tokens} |")
+    print(f"\nscored in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    _sparse_summary(pretrained)
     return 0
 
 
@@ -305,11 +320,12 @@ def cmd_eval_needle(args: argparse.Namespace) -> int:
     print(table)
     found = sum(r.found for r in results)
     print(f"\nfound {found} of {len(results)} needles in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    _sparse_summary(pretrained)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "needle.md").write_text(table + "\n", encoding="utf-8")
-        mode = "+".join(m for m, on in (("YaRN", args.yarn), ("DCA", args.dca)) if on) or "RoPE"
+        mode = "+".join(m for m, on in (("YaRN", args.yarn), ("DCA", args.dca), ("sparse", args.sparse)) if on) or "RoPE"
         if needle_heatmap(results, out / "needle.png", f"needle in a haystack ({mode})"):
             print(f"wrote {out / 'needle.md'} and {out / 'needle.png'}", file=sys.stderr)
         else:
@@ -446,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--dca", action="store_true", help="Dual Chunk Attention")
         e.add_argument("--dca-chunk-size", type=int, default=None, help="default: the trained context")
         e.add_argument("--dca-local-size", type=int, default=None, help="default: chunk size / 16")
+        e.add_argument("--sparse", action="store_true",
+                       help="sparse (vertical-and-slash) prefill of forwards reading at least --sparse-threshold keys")
+        e.add_argument("--sparse-threshold", type=int, default=None, help="default 8192 keys")
+        e.add_argument("--sparse-coverage", type=float, default=None,
+                       help="share of each head's estimated attention its kept lines must hold (default 0.95)")
         e.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens per forward)")
         e.set_defaults(func=func)
         if name == "ppl":

@@ -55,6 +55,9 @@ class Qwen2Config:
     # Dual Chunk Attention past the trained context (qwen2.model.dca): {chunk_size, local_size,
     # original_max_position_embeddings}, vLLM's field
     dual_chunk_attention_config: dict[str, Any] | None = None
+    # Sparse (vertical-and-slash) prefill of long prompts (qwen2.model.sparse): {threshold, last_q,
+    # vertical_size, slash_size, coverage, block_size, sink_tokens, local_size}; ours, opt-in
+    sparse_prefill_config: dict[str, Any] | None = None
     attention_dropout: float = 0.0
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
@@ -166,6 +169,14 @@ class Qwen2Config:
             chunk, local = dca.get("chunk_size", 8192), dca.get("local_size", 1024)
             if not 0 <= local < chunk:
                 raise bad("dual_chunk_attention_config", f"needs 0 <= local_size < chunk_size (got {local}, {chunk})")
+        if self.sparse_prefill_config is not None:
+            from qwen2.model.sparse import SparseConfig  # the one definition of the fields and their limits
+            if not isinstance(self.sparse_prefill_config, dict):
+                raise bad("sparse_prefill_config", "must be an object or null")
+            try:
+                SparseConfig.from_dict(self.sparse_prefill_config)
+            except (TypeError, ValueError) as e:
+                raise bad("sparse_prefill_config", str(e).removeprefix("sparse_prefill_config: ")) from None
         for eid in self.eos_token_ids:
             if not isinstance(eid, int) or not 0 <= eid < self.vocab_size:
                 raise bad("eos_token_id", f"ids must be in [0, vocab_size={self.vocab_size})")
@@ -249,7 +260,7 @@ class Qwen2Config:
         extra = data.pop("extra")
         explicit_nulls = getattr(self, "_explicit_nulls", set())
         for name in ("head_dim", "layer_types", "rope_scaling", "pad_token_id", "sliding_window",
-                     "dual_chunk_attention_config"):
+                     "dual_chunk_attention_config", "sparse_prefill_config"):
             if data[name] is None and name not in explicit_nulls:
                 del data[name]
         data.update(extra)

@@ -24,10 +24,11 @@ from qwen2.model import KVCache, Qwen2ForCausalLM
 
 def configure_long_context(model: Qwen2ForCausalLM, *, yarn: float | None = None, adaptive: bool = False,
                            dca: bool = False, dca_chunk_size: int | None = None, dca_local_size: int | None = None,
-                           max_length: int | None = None) -> dict[str, Any]:
+                           max_length: int | None = None, sparse: dict[str, Any] | None = None) -> dict[str, Any]:
     """Switch a loaded model to YaRN (static, or `adaptive` to the length) and / or DCA, from its
     trained context (`max_position_embeddings`, or an existing rope_scaling's original). With DCA,
-    YaRN contributes its attention temperature (qwen2.model.dca). Returns the settings applied."""
+    YaRN contributes its attention temperature (qwen2.model.dca). `sparse`: sparse prefill with these
+    settings (qwen2.model.sparse.SparseConfig fields; {} = the defaults). Returns the settings applied."""
     config = model.config
     original = int((config.rope_scaling or {}).get("original_max_position_embeddings")
                    or config.max_position_embeddings)
@@ -45,12 +46,14 @@ def configure_long_context(model: Qwen2ForCausalLM, *, yarn: float | None = None
         rope_scaling = {"rope_type": "yarn", "factor": float(yarn), "original_max_position_embeddings": original}
         if adaptive:
             rope_scaling["length_adaptive"] = True
+    if sparse is not None and dca:
+        raise ValueError("sparse prefill runs on plain or YaRN attention; with DCA it is not supported yet")
     new = dataclasses.replace(config, rope_scaling=rope_scaling, dual_chunk_attention_config=dca_config,
-                              max_position_embeddings=longest)
+                              max_position_embeddings=longest, sparse_prefill_config=sparse)
     model.config = model.model.config = new
     model.model.set_rope(new)
     return {"original_context": original, "rope_scaling": rope_scaling, "dual_chunk_attention_config": dca_config,
-            "max_position_embeddings": longest}
+            "max_position_embeddings": longest, "sparse_prefill_config": sparse}
 
 
 @torch.inference_mode()

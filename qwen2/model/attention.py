@@ -1,5 +1,6 @@
 """Grouped-query self-attention with QKV bias and RoPE; the one attention of the project (SDPA, or
-Dual Chunk Attention past the trained context: qwen2.model.dca).
+Dual Chunk Attention past the trained context: qwen2.model.dca; sparse prefill of long prompts:
+qwen2.model.sparse).
 
 Shape legend: B batch, T new tokens, S cached + new positions, D hidden size, H query heads,
 K kv heads, C head dim.
@@ -16,6 +17,7 @@ from qwen2.model.dca import DCARotary
 from qwen2.model.kv_cache import KVCache, round_to_bucket
 from qwen2.model.paged_kv_cache import PagedBatch
 from qwen2.model.rope import apply_rope
+from qwen2.model.sparse import SparsePrefill
 
 
 class Attention(nn.Module):
@@ -36,7 +38,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
                 mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None,
-                dca: DCARotary | None = None) -> torch.Tensor:
+                dca: DCARotary | None = None, sparse: SparsePrefill | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, K, C = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:  # quantized runtime models: one matmul (qwen2.model.quant.fuse_projections_)
@@ -58,6 +60,8 @@ class Attention(nn.Module):
         # Query head h reads kv head h // (H / K), as transformers' repeat_kv does.
         if dca is not None:
             out_BHTC = dca.attend(q_BHTC, k_BKSC, v_BKSC)
+        elif sparse is not None:  # a long causal prefill, no mask (the model decides when: qwen2.model.sparse)
+            out_BHTC = sparse.attend(q_BHTC, k_BKSC, v_BKSC)
         elif T == 1 and not self.training:
             out_BHTC = decode_attention(q_BHTC, k_BKSC, v_BKSC, mask_B1TS)
         else:  # SDPA's enable_gqa does the grouping without materialising the repeated keys

@@ -22,6 +22,7 @@ from qwen2.model.kv_cache import KVCache
 from qwen2.model.loss import chunked_cross_entropy
 from qwen2.model.mlp import MLP
 from qwen2.model.paged_kv_cache import PagedBatch
+from qwen2.model.sparse import SparseConfig, SparsePrefill
 from qwen2.model.rope import (default_inv_freq, is_length_adaptive, rope_cos_sin, rope_parameters,
                               yarn_inv_freq, yarn_scale_for_length)
 
@@ -50,9 +51,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos_BTC: torch.Tensor, sin_BTC: torch.Tensor, *,
                 mask_B1TS: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | PagedBatch | None,
-                dca: DCARotary | None = None) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTC, sin_BTC,
-                                       mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache, dca=dca)
+                dca: DCARotary | None = None, sparse: SparsePrefill | None = None) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTC, sin_BTC, mask_B1TS=mask_B1TS,
+                                       is_causal=is_causal, kv_cache=kv_cache, dca=dca, sparse=sparse)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD
 
@@ -121,7 +122,10 @@ class Qwen2Model(nn.Module):
         self.gradient_checkpointing = False  # training: recompute layer activations in backward
 
     def set_rope(self, config: Qwen2Config) -> None:
-        """RoPE frequencies and attention scaling, and Dual Chunk Attention, as `config` says."""
+        """RoPE frequencies and attention scaling, Dual Chunk Attention and sparse prefill, as `config` says."""
+        self.sparse: SparsePrefill | None = None
+        if config.sparse_prefill_config is not None:
+            self.sparse = SparsePrefill(SparseConfig.from_dict(config.sparse_prefill_config))
         self.inv_freq, self.attention_scaling = rope_parameters(config)
         self._adaptive_rope: dict[float, tuple[torch.Tensor, float]] = {}  # length-adaptive YaRN, per scale
         self.dca: DCAConfig | None = None
@@ -176,6 +180,10 @@ class Qwen2Model(nn.Module):
             sliding_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS,
                                           sliding_window=self.config.sliding_window, device=device,
                                           document_ids_BT=document_ids_BT)
+        # Sparse prefill: only causal forwards with no padding or packing (mask-free), never in training.
+        sparse = self.sparse if (self.sparse is not None and not self.training and attention_mask_BS is None
+                                 and document_ids_BT is None and isinstance(past, int)
+                                 and self.sparse.applies(T, past + T)) else None
         for layer in self.layers:
             mask_B1TS, is_causal = sliding_mask if layer.is_sliding else full_mask
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -183,7 +191,8 @@ class Qwen2Model(nn.Module):
                 x_BTD = torch.utils.checkpoint.checkpoint(layer, x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS,
                                                           is_causal=is_causal, kv_cache=None, use_reentrant=False)
             else:
-                x_BTD = layer(x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache)
+                x_BTD = layer(x_BTD, cos_BTC, sin_BTC, mask_B1TS=mask_B1TS, is_causal=is_causal, kv_cache=kv_cache,
+                              sparse=None if layer.is_sliding else sparse)
         if kv_cache is not None:
             kv_cache.advance(T)  # the one place the cache moves forward
         return self.norm(x_BTD)

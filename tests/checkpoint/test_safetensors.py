@@ -1,6 +1,5 @@
 """HF directory save/load: round trips, transformers compatibility, and clear errors for bad files."""
 
-import dataclasses
 import json
 
 import pytest
