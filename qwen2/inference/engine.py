@@ -39,6 +39,7 @@ from qwen2.inference.generate import ContextLengthError
 from qwen2.inference.sampling import SamplingParams, sample_next_token
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.model.paged_kv_cache import BlockPool, PagedKVCache
+from qwen2.model.rope import is_length_adaptive, yarn_scale_for_length
 from qwen2.sysmem import return_freed_memory
 from qwen2.tokenizer import Tokenizer
 
@@ -149,6 +150,7 @@ class _Request:
     key_scale_LKC: torch.Tensor | None
     table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
+    cache_namespace: bytes = b""  # prefix blocks are shared only within one (length-adaptive YaRN: one scale)
     num_computed: int = 0  # tokens whose keys/values are in the cache
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -184,6 +186,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.preemptions = 0
+        self.prefix_tokens_reused = 0  # prompt tokens whose keys / values came from cached prefix blocks
 
     # ---- caller side -------------------------------------------------------------------------------
 
@@ -240,7 +243,7 @@ class Engine:
     def stats(self) -> dict:
         P = self.cache.block_size
         return {"running": len(self._running), "waiting": len(self._waiting), "steps": self.steps,
-                "preemptions": self.preemptions,
+                "preemptions": self.preemptions, "prefix_tokens_reused": self.prefix_tokens_reused,
                 "kv_blocks_used": self.pool.num_used, "kv_blocks_cached": self.pool.num_cached,
                 "kv_tokens_capacity": self.cache.capacity_tokens(), "kv_block_size": P,
                 "kv_bytes_per_token": self.cache.bytes_per_token(),
@@ -261,13 +264,15 @@ class Engine:
         if self.cache.quantized:
             c = self.model.config
             key_scale = torch.zeros(c.num_hidden_layers, c.num_key_value_heads, c.dim_per_head)
-        return _Request(request_id, handle, params, self.stop_ids, prompt, len(prompt),
-                        # the pool's capacity too: a sequence longer than the whole pool could only
-                        # ever preempt itself
-                        max_len=min(len(prompt) + params.max_new_tokens, self.context,
-                                    self.cache.capacity_tokens()),
+        # the pool's capacity too: a sequence longer than the whole pool could only ever preempt itself
+        max_len = min(len(prompt) + params.max_new_tokens, self.context, self.cache.capacity_tokens())
+        namespace = b""
+        if is_length_adaptive(self.model.config):  # the RoPE scale is fixed by the planned length
+            namespace = f"yarn scale {yarn_scale_for_length(self.model.config, max_len)!r}".encode()
+        return _Request(request_id, handle, params, self.stop_ids, prompt, len(prompt), max_len=max_len,
                         assembler=TextAssembler(self.tokenizer, params.stop),
-                        generator=torch.Generator().manual_seed(seed), seen_V=seen, key_scale_LKC=key_scale)
+                        generator=torch.Generator().manual_seed(seed), seen_V=seen, key_scale_LKC=key_scale,
+                        cache_namespace=namespace)
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -320,10 +325,12 @@ class Engine:
             pending = sum(-(-len(r.tokens) // P) - len(r.table) for r in self._running if not r.prefilled)
             needed = -(-len(request.tokens) // P) + pending + len(self._running)
             if self.config.prefix_caching:
-                request.table = self.pool.match_prefix(request.tokens, max_blocks=(len(request.tokens) - 1) // P)
+                request.table = self.pool.match_prefix(request.tokens, max_blocks=(len(request.tokens) - 1) // P,
+                                                       namespace=request.cache_namespace)
                 if request.table and self.cache.quantized:  # continue with the scales the prefix was written with
                     request.key_scale_LKC.copy_(self.cache.key_scale_of(request.table[-1]))
                 request.num_computed = len(request.table) * P
+                self.prefix_tokens_reused += request.num_computed
             if self.pool.num_available < needed - len(request.table):
                 self.pool.release(request.table)
                 request.table, request.num_computed = [], 0
@@ -351,7 +358,7 @@ class Engine:
         if not self._ensure_blocks(request, start + len(chunk)):
             return
         batch = self.cache.batch([request.table], [start], len(chunk),
-                                 [request.key_scale_LKC] if self.cache.quantized else None)
+                                 [request.key_scale_LKC] if self.cache.quantized else None, [request.max_len])
         logits_1V = self.model(torch.tensor([chunk], device=self.model.device), kv_cache=batch, logits_to_keep=1)[:, -1]
         request.num_computed += len(chunk)
         self._name_full_blocks(request)
@@ -366,7 +373,8 @@ class Engine:
         if not requests:
             return
         key_scales = [r.key_scale_LKC for r in requests] if self.cache.quantized else None
-        batch = self.cache.batch([r.table for r in requests], [r.num_computed for r in requests], 1, key_scales)
+        batch = self.cache.batch([r.table for r in requests], [r.num_computed for r in requests], 1, key_scales,
+                                 [r.max_len for r in requests])
         ids_B1 = torch.tensor([[r.tokens[-1]] for r in requests], device=self.model.device)
         logits_BV = self.model(ids_B1, kv_cache=batch)[:, -1]
         for request in requests:
@@ -390,7 +398,7 @@ class Engine:
         P = self.cache.block_size
         while len(request.block_hashes) < request.num_computed // P:
             i = len(request.block_hashes)
-            parent = request.block_hashes[-1] if request.block_hashes else None
+            parent = request.block_hashes[-1] if request.block_hashes else (request.cache_namespace or None)
             request.block_hashes.append(BlockPool.block_hash(parent, request.tokens[i * P:(i + 1) * P]))
             self.pool.register(request.table[i], request.block_hashes[-1])
 

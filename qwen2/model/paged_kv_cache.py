@@ -96,10 +96,12 @@ class BlockPool:
         h.update(",".join(map(str, tokens)).encode())
         return h.digest()
 
-    def match_prefix(self, tokens: list[int], *, max_blocks: int) -> list[int]:
-        """Take a reference to the cached blocks that hold the longest prefix of `tokens`."""
+    def match_prefix(self, tokens: list[int], *, max_blocks: int, namespace: bytes = b"") -> list[int]:
+        """Take a reference to the cached blocks that hold the longest prefix of `tokens`.
+        `namespace` seeds the hash chain: blocks are shared only between sequences of one namespace
+        (length-adaptive YaRN: keys rotated at one scale are wrong at another)."""
         blocks: list[int] = []
-        parent = None
+        parent = namespace or None
         P = self.block_size
         for i in range(min(max_blocks, len(tokens) // P)):
             parent = self.block_hash(parent, tokens[i * P:(i + 1) * P])
@@ -205,8 +207,8 @@ class PagedKVCache:
         return self._pools["k_scale"].tensor[:, block].clone()
 
     def batch(self, tables: list[list[int]], past: list[int], num_new: int,
-              key_scales: list[torch.Tensor] | None = None) -> "PagedBatch":
-        return PagedBatch(self, tables, past, num_new, key_scales)
+              key_scales: list[torch.Tensor] | None = None, planned_lens: list[int] | None = None) -> "PagedBatch":
+        return PagedBatch(self, tables, past, num_new, key_scales, planned_lens)
 
 
 class PagedBatch:
@@ -214,11 +216,12 @@ class PagedBatch:
 
     `tables[b]` must already hold the blocks for slots [0, past[b] + num_new). For int8 caches,
     `key_scales[b]` is the sequence's (L, K, C) key-scale tensor, written in place by the first
-    write of a new sequence (past 0).
+    write of a new sequence (past 0). `planned_lens[b]`: the most tokens sequence b may reach (its
+    length-adaptive YaRN scale follows it; unused otherwise).
     """
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], past: list[int], num_new: int,
-                 key_scales: list[torch.Tensor] | None) -> None:
+                 key_scales: list[torch.Tensor] | None, planned_lens: list[int] | None = None) -> None:
         P = cache.block_size
         B, T = len(tables), num_new
         if len(past) != B or B == 0:
@@ -228,8 +231,11 @@ class PagedBatch:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {p + T} tokens")
         if cache.quantized and (key_scales is None or len(key_scales) != B):
             raise ValueError("an int8 paged cache needs one key-scale tensor per sequence")
+        if planned_lens is not None and len(planned_lens) != B:
+            raise ValueError("one planned length per block table is needed")
         self.cache = cache
         self.num_new = T
+        self.planned_lens = planned_lens
         self.past = past[0] if len(set(past)) == 1 else torch.tensor(past)  # int when uniform: mask fast path
         self.positions_BT = torch.tensor(past)[:, None] + torch.arange(T)[None, :]
         self.num_slots = max(past) + T

@@ -171,8 +171,8 @@ class Qwen2Model(nn.Module):
         x_BTD = self.embed_tokens(input_ids_BT)
         if self.dca is not None:
             return self._forward_dca(x_BTD, past, kv_cache, attention_mask_BS, document_ids_BT, positions_BT)
-        inv_freq, attention_scaling = self._rope_for(kv_cache, past + T if isinstance(past, int) else None)
-        cos_BTC, sin_BTC = rope_cos_sin(positions_BT, inv_freq, attention_scaling, x_BTD.dtype)
+        cos_BTC, sin_BTC = self._rope_cos_sin(positions_BT, kv_cache, past + T if isinstance(past, int) else None,
+                                              x_BTD.dtype)
         full_mask = attention_mask(past=past, num_new=T, key_valid_BS=attention_mask_BS, sliding_window=None,
                                    device=device, document_ids_BT=document_ids_BT)
         sliding_mask = full_mask
@@ -198,17 +198,27 @@ class Qwen2Model(nn.Module):
         return self.norm(x_BTD)
 
 
-    def _rope_for(self, kv_cache: KVCache | PagedBatch | None, length: int | None) -> tuple[torch.Tensor, float]:
-        """The RoPE frequencies of this forward. Static unless length-adaptive YaRN is on: then the
-        scale follows the sequence's length, the planned length of a cache (fixed for the whole
-        sequence, so cached keys stay valid) or the length of this forward without one."""
+    def _rope_cos_sin(self, positions_BT: torch.Tensor, kv_cache: KVCache | PagedBatch | None, length: int | None,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin of this forward's positions. Static RoPE / YaRN unless length-adaptive YaRN is on:
+        then the scale follows the sequence's length: the planned length of a cache (fixed for the
+        whole sequence, so cached keys stay valid; per row in a paged batch), or the length of this
+        forward without one."""
         if not is_length_adaptive(self.config):
-            return self.inv_freq, self.attention_scaling
+            return rope_cos_sin(positions_BT, self.inv_freq, self.attention_scaling, dtype)
         if isinstance(kv_cache, PagedBatch):
-            raise ValueError("length-adaptive YaRN needs one planned length per sequence, which the paged "
-                             "engine does not give it yet: use static YaRN (drop rope_scaling.length_adaptive)")
+            if kv_cache.planned_lens is None:
+                raise ValueError("length-adaptive YaRN in a paged batch needs each sequence's planned length "
+                                 "(PagedKVCache.batch(..., planned_lens=...))")
+            rows = [rope_cos_sin(positions_BT[b:b + 1], *self._adaptive(n), dtype)
+                    for b, n in enumerate(kv_cache.planned_lens)]
+            return torch.cat([c for c, _ in rows]), torch.cat([s for _, s in rows])
         if kv_cache is not None:
             length = kv_cache.planned_len or kv_cache.max_seq_len
+        return rope_cos_sin(positions_BT, *self._adaptive(length), dtype)
+
+    def _adaptive(self, length: int) -> tuple[torch.Tensor, float]:
+        """Length-adaptive YaRN's (inv_freq, attention scaling) for a sequence of `length` tokens."""
         scale = yarn_scale_for_length(self.config, length)
         if scale not in self._adaptive_rope:
             c = self.config

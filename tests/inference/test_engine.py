@@ -191,3 +191,32 @@ def test_dual_chunk_attention_in_the_paged_engine(byte_tokenizer):
     _drain(engine)
     for prompt, handle in zip(prompts, handles):
         assert handle.result()[1] == _reference(dca_model, prompt, params)
+
+
+def test_length_adaptive_yarn_in_the_paged_engine(byte_tokenizer):
+    # Each sequence's RoPE scale follows its own planned length (prompt + max_new_tokens): rows of
+    # different scales in one batch, and one prompt asked twice with different budgets, so prefix
+    # blocks rotated at one scale must not be reused at another. Answers equal the static-cache
+    # generator's (which plans the same length), token for token.
+    config = dataclasses.replace(PRESETS["tiny"], eos_token_id=STOP_ID, max_position_embeddings=256,
+                                 rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 64, "length_adaptive": True})
+    yarn_model = Qwen2ForCausalLM(config)
+    yarn_model.init_weights(seed=0)
+    yarn_model.eval()
+    shared = _prompts(1, seed=5)[0] * 2  # long enough to fill whole blocks
+    jobs = [(shared, 10), (shared, 150), (_prompts(1, seed=6)[0], 40), (_prompts(1, seed=7)[0], 120)]
+    engine = Engine(yarn_model, byte_tokenizer, EngineConfig(max_batch_size=4, block_size=8, prefill_chunk=16))
+    first = engine.submit(jobs[0][0], SamplingParams(max_new_tokens=jobs[0][1]))
+    _drain(engine)  # its blocks are cached (at scale 1) before the longer request with the same prompt
+    again = engine.submit(shared, SamplingParams(max_new_tokens=jobs[0][1]))
+    _drain(engine)
+    assert engine.prefix_tokens_reused > 0  # the same plan reuses the prefix...
+    reused = engine.prefix_tokens_reused
+    handles = [first] + [engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in jobs[1:]]
+    _drain(engine)
+    assert engine.prefix_tokens_reused == reused  # ...another scale does not
+    answers = [handle.result()[1] for handle in [again] + handles]  # (a handle's result is read once)
+    assert answers[0] == answers[1]
+    for (prompt, n), answer in zip(jobs, answers[1:]):
+        assert answer == _reference(yarn_model, prompt, SamplingParams(max_new_tokens=n))
