@@ -314,8 +314,13 @@ def cmd_eval_needle(args: argparse.Namespace) -> int:
     pretrained = _load(args)
     _long_context(args, pretrained, max(lengths) + 64)
     started = time.perf_counter()
+
+    def report(r: Any) -> None:
+        print(f"  {r.prompt_tokens} tokens, depth {r.depth:g}: {'found' if r.found else 'missed'} "
+              f"(answer {r.answer[:40]!r}; {time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
+
     results = needle_grid(pretrained.model, pretrained.tokenizer, lengths, depths, seed=args.seed, chunk=args.chunk,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), on_result=None if sys.stderr.isatty() else report)
     table = needle_table(results)
     print(table)
     found = sum(r.found for r in results)

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,9 @@ def needle_trial(model: Qwen2ForCausalLM, tokenizer: Any, filler_ids: list[int],
 
 
 def needle_grid(model: Qwen2ForCausalLM, tokenizer: Any, lengths: list[int], depths: list[float], *,
-                seed: int = 0, chunk: int = 2048, progress: bool = False) -> list[NeedleResult]:
+                seed: int = 0, chunk: int = 2048, progress: bool = False,
+                on_result: Callable[[NeedleResult], None] | None = None) -> list[NeedleResult]:
+    """One needle per (length, depth); `on_result` sees each result as it comes (a long grid takes hours)."""
     filler_ids = tokenizer.encode(haystack_text())
     rng = random.Random(seed)
     trials = [(length, depth) for length in lengths for depth in depths]
@@ -172,6 +174,8 @@ def needle_grid(model: Qwen2ForCausalLM, tokenizer: Any, lengths: list[int], dep
     for length, depth in tqdm(trials, desc="needle", disable=not progress):
         secret = str(rng.randrange(1_000_000, 10_000_000))  # 7 digits: not guessable, a few tokens
         results.append(needle_trial(model, tokenizer, filler_ids, length, depth, secret, chunk=chunk))
+        if on_result is not None:
+            on_result(results[-1])
     return results
 
 
