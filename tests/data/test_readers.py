@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from qwen2.data.readers import DataError, iter_documents
+from qwen2.data.readers import DataError, Document, iter_documents
+from qwen2.data.writers import DocumentWriter, RejectWriter
 
 
 def test_text_jsonl_gzip_and_directories(tmp_path):
@@ -40,9 +41,64 @@ def test_bad_paths_are_named(tmp_path):
         list(iter_documents([tmp_path / "bad.txt"]))
     with pytest.raises(DataError, match="no such file"):
         list(iter_documents([tmp_path / "missing.jsonl"]))
-    (tmp_path / "x.parquet").write_bytes(b"")
+    (tmp_path / "x.bin").write_bytes(b"")
     with pytest.raises(DataError, match="unknown file type"):
+        list(iter_documents([tmp_path / "x.bin"]))
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"x\.parquet: not a readable Parquet file"):
         list(iter_documents([tmp_path / "x.parquet"]))
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:40])
+    with pytest.raises(DataError, match=r"t\.jsonl\.gz: cannot decompress"):
+        list(iter_documents([tmp_path / "t.jsonl.gz"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .txt"):
         list(iter_documents([tmp_path / "empty"]))
+
+
+def _docs():
+    return [Document(id="a", text="première ligne\nsecond", lang="fr", meta={"k": [1, 2]}),
+            Document(id="b", text="code = 1", domain="code", source="s.py"), Document(id="c", text="")]
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.jsonl.gz", "out.jsonl.zst", "out.parquet"])
+def test_written_documents_read_back_the_same(tmp_path, name):
+    with DocumentWriter(tmp_path / name) as writer:
+        for doc in _docs():
+            writer.write(doc)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert list(iter_documents([tmp_path / name])) == _docs()
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError):
+        with DocumentWriter(tmp_path / "out.jsonl") as writer:
+            writer.write(_docs()[0])
+            raise RuntimeError("crash midway")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lenient_reading_sends_bad_lines_to_the_rejects_file(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "good one"}\n{"text": "broken\n{"text": "\xff"}\n[1]\n'
+                                        b'{"txt": "typo"}\n{"text": "good two"}\n')
+    rejects = RejectWriter(tmp_path / "rejects.jsonl")
+    docs = list(iter_documents([tmp_path / "in.jsonl"], on_error=rejects))
+    rejects.close()
+    assert [d.text for d in docs] == ["good one", "good two"]
+    rows = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["where"].rsplit(":", 1)[1] for r in rows] == ["2", "3", "4", "5"]
+    assert "not valid JSON" in rows[0]["reason"] and rows[0]["raw"].startswith('{"text": "broken')
+    assert "invalid UTF-8" in rows[1]["reason"] and "\\xff" in rows[1]["raw"]
+    assert "field 'text'" in rows[3]["reason"]
+
+
+def test_parquet_rows_without_text_are_rejected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["ok", None], "id": ["1", "2"]}), tmp_path / "p.parquet")
+    rejects = RejectWriter(tmp_path / "r.jsonl")
+    assert [d.id for d in iter_documents([tmp_path / "p.parquet"], on_error=rejects)] == ["1"]
+    assert rejects.count == 1
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "q.parquet")
+    with pytest.raises(DataError, match="no 'text' column"):
+        list(iter_documents([tmp_path / "q.parquet"]))
