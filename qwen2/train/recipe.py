@@ -7,17 +7,15 @@ a recipe would otherwise silently train something else. Paths are relative to th
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen2.tomlspec import RecipeError, build as _build
 from qwen2.train.schedule import SCHEDULES
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run as written; the message names the file and key."""
+__all__ = ["RecipeError", "load_recipe"]
 
 
 @dataclass(frozen=True)
@@ -129,36 +127,6 @@ class Recipe:
                 return stage, step - start
             start += stage.steps
         return self.stages[-1], self.stages[-1].steps - 1
-
-
-def _build(cls: type, data: Any, where: str, **extra: Any) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a table, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(n for n in names if n not in extra)}")
-    for key, value in data.items():
-        expected = names[key].type
-        if not _type_ok(value, str(expected)):
-            raise RecipeError(f"{where}.{key}: {value!r} is not {expected}")
-    try:
-        return cls(**data, **extra)
-    except TypeError as e:
-        raise RecipeError(f"{where}: {e}") from None
-
-
-_KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
-
-
-def _type_ok(value: Any, annotation: str) -> bool:
-    """Whether a TOML value fits a field's annotation (a string: "int", "str | None", "dict[str, float]")."""
-    options = [option.strip().split("[")[0] for option in annotation.split("|")]
-    if value is None:
-        return "None" in options
-    if isinstance(value, bool):
-        return "bool" in options
-    return any(isinstance(value, _KINDS[o]) for o in options if o in _KINDS)
 
 
 def load_recipe(path: str | Path) -> Recipe:
