@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_INDEX)
-	$(BIN)/python -m pip install -q -e '.[test,demo,train,data]'
+	$(BIN)/python -m pip install -q -e '.[test,demo,train,data,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
