@@ -6,11 +6,22 @@ value of the wrong type is an error naming the file and key, never a silently ig
 from __future__ import annotations
 
 import dataclasses
+import tomllib
+from pathlib import Path
 from typing import Any
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be run as written; the message names the file and key."""
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
 
 
 def build(cls: type, data: Any, where: str, **extra: Any) -> Any:

@@ -29,7 +29,6 @@ import json
 import math
 import shutil
 import sys
-import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from qwen2.data.filters import (C4Quality, CodeQuality, FineWebQuality, GopherQu
 from qwen2.data.normalize import NormalizeConfig, normalize_text
 from qwen2.data.readers import DataError, Document, Reject, expand_paths, read_file
 from qwen2.data.writers import DocumentWriter, RejectWriter
-from qwen2.tomlspec import RecipeError, build
+from qwen2.tomlspec import RecipeError, build, read_toml
 
 FAMILIES = ("gopher_quality", "gopher_repetition", "c4", "fineweb", "code")
 # Code gets the code rules only (repeated lines are normal in code); books skip the repetition rules
@@ -138,12 +137,7 @@ class PipelineRecipe:
 
 def load_pipeline_recipe(path: str | Path) -> PipelineRecipe:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path)
     where = str(path)
     tables = {"normalize": NormalizeConfig, "filters": FilterSpec, "langid": LangSpec, "quality": QualitySpec,
               "dedup": DedupConfig, "decontam": DecontamSpec, "pack": PackSpec, "executor": ExecutorSpec}

@@ -7,12 +7,11 @@ a recipe would otherwise silently train something else. Paths are relative to th
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen2.tomlspec import RecipeError, build as _build
+from qwen2.tomlspec import RecipeError, build as _build, read_toml
 from qwen2.train.schedule import SCHEDULES
 
 __all__ = ["RecipeError", "load_recipe"]
@@ -131,12 +130,7 @@ class Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path)
     where = str(path)
     known = {"name", "seed", "model", "tokenizer", "data", "train", "stage", "lora", "dpo"}
     if unknown := sorted(set(raw) - known):
