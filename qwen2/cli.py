@@ -383,6 +383,31 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from qwen2.data.pipeline import load_pipeline_recipe, run_pipeline
+
+    recipe = load_pipeline_recipe(args.recipe)
+    changes = {k: v for k, v in (("kind", args.executor), ("workers", args.workers), ("address", args.address))
+               if v is not None}
+    if changes:
+        if changes.get("workers", 1) < 1:
+            raise ValueError(f"--workers must be at least 1 (got {changes['workers']})")
+        recipe = dataclasses.replace(recipe, executor=dataclasses.replace(recipe.executor, **changes))
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    started = time.perf_counter()
+    summary = run_pipeline(recipe, out, progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - started
+    dropped = ", ".join(f"{rule} {n}" for rule, n in sorted(summary.dropped.items(), key=lambda kv: -kv[1])[:6])
+    print(f"{summary.documents_in:,} documents in, {summary.kept:,} passed the filters ({dropped or 'none dropped'}), "
+          f"{summary.dedup['exact_removed']:,} exact and {summary.dedup['near_removed']:,} near duplicates removed, "
+          f"{summary.written:,} written with {sum(summary.tokens.values()):,} tokens in {seconds:.0f} s "
+          f"({recipe.executor.kind} executor, {recipe.executor.workers} workers); report: {out / 'report.md'}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_train_pretrain(args: argparse.Namespace) -> int:
     from qwen2.train.pretrain import run
     from qwen2.train.recipe import load_recipe
@@ -532,6 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of documents (chosen by a hash of their id) written to val/")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard file")
     p.set_defaults(func=cmd_data_pack)
+    p = dsub.add_parser("run", help="the pre-training data pipeline: filter, dedup, decontaminate, tokenize (resumes)")
+    p.add_argument("--recipe", required=True, help="a TOML pipeline recipe (see recipes/data-*.toml, docs/DATA.md)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<recipe name>); an existing run resumes")
+    p.add_argument("--executor", choices=["local", "ray"], default=None, help="override the recipe's executor")
+    p.add_argument("--workers", type=int, default=None, help="override the recipe's worker count")
+    p.add_argument("--address", default=None, help="ray: the cluster to join (default: a local Ray)")
+    p.set_defaults(func=cmd_data_run)
 
     p = sub.add_parser("train", help="training stages, each driven by a TOML recipe")
     trsub = p.add_subparsers(dest="action", required=True)

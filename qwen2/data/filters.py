@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
+NO_FULL_STOP_LANGUAGES = frozenset({"th", "lo", "km", "my"})  # sentences end without a mark (or with their own)
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's
 TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "」", "』", "…", ":", ";")
 C4_END_MARKS = (".", "?", "!", '"')
@@ -229,11 +230,12 @@ def c4_clean(text: str, rules: C4Quality) -> tuple[str, Rejection | None]:
     return cleaned, None
 
 
-def fineweb_quality(text: str, rules: FineWebQuality) -> Rejection | None:
+def fineweb_quality(text: str, rules: FineWebQuality, lang: str | None = None) -> Rejection | None:
     lines = [line for line in text.split("\n") if line.strip()]
     if not lines:
         return Rejection("fineweb.empty", "no non-blank lines")
-    punctuated = sum(line.rstrip().endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines)
+    punctuated = 1.0 if lang in NO_FULL_STOP_LANGUAGES else \
+        sum(line.rstrip().endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines)
     if punctuated < rules.min_line_punctuation:
         return Rejection("fineweb.line_punctuation", f"{punctuated:.2f} of lines end in punctuation < "
                                                      f"{rules.min_line_punctuation}")
@@ -285,6 +287,6 @@ def apply_heuristics(text: str, lang: str | None, domain: str | None,
         text, found = c4_clean(text, config.c4)
         if found:
             return text, found
-    if config.fineweb and (found := fineweb_quality(text, config.fineweb)):
+    if config.fineweb and (found := fineweb_quality(text, config.fineweb, lang)):
         return text, found
     return text, None

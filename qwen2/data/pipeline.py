@@ -25,7 +25,9 @@ tokenizer/, report.md and report_*.png. The recipe format is docs/DATA.md.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import time
 import math
 import shutil
 import sys
@@ -60,6 +62,7 @@ class InputSpec:
     name: str
     paths: list = field(default_factory=list)  # files / directories; "{stdlib}" = this Python's standard library
     glob: str | None = None      # read every file matching this under the paths as one text document
+    exclude: list = field(default_factory=list)  # glob inputs: skip files whose path under the root matches
     corpus: str | None = None    # or a built-in corpus ("shakespeare")
     domain: str | None = None    # declared domain of every document (else tagged per document)
     files_per_unit: int = 64     # glob inputs: files per work unit
@@ -200,7 +203,8 @@ def plan_units(recipe: PipelineRecipe) -> list[Unit]:
                 if root.is_file():
                     files.append(str(root))
                 elif root.is_dir():
-                    files += sorted(str(p) for p in root.rglob(spec.glob) if p.is_file())
+                    files += sorted(str(p) for p in root.rglob(spec.glob) if p.is_file() and not any(
+                        fnmatch.fnmatch(str(p.relative_to(root)), pattern) for pattern in spec.exclude))
                 else:
                     raise DataError(f"input {spec.name!r}: {root}: no such file or directory")
             if not files:
@@ -297,21 +301,29 @@ def run_unit_filter(unit: Unit, recipe: PipelineRecipe, out: str) -> dict:
         classifier = _cached(f"classifier:{path}", lambda: QualityClassifier.load(path))
     kept: list[Document] = []
     dropped: list[dict] = []
+    clock = Clock()
 
     def drop(doc: Document, rule: str, detail: str) -> None:
         stats["dropped"][rule] += 1
         dropped.append({"id": doc.id, "rule": rule, "detail": detail})
 
-    for doc in unit_documents(unit, rejects):
+    documents = unit_documents(unit, rejects)
+    while True:
+        with clock("read"):
+            doc = next(documents, None)
+        if doc is None:
+            break
         stats["documents_in"] += 1
         stats["bytes_in"] += len(doc.text.encode("utf-8", errors="surrogatepass"))
         declared = spec.domain or doc.domain
         code = tag_domain(doc.text, declared=declared, source=doc.source, lang=None) == "code"
-        text = normalize_text(doc.text, code=code, config=recipe.normalize)
+        with clock("normalize"):
+            text = normalize_text(doc.text, code=code, config=recipe.normalize)
         if len(text) < recipe.filters.min_chars:
             drop(doc, "empty", f"{len(text)} characters after normalisation")
             continue
-        lang, confidence = (None, 1.0) if code else (lambda g: (g.lang, g.confidence))(identify(text))
+        with clock("langid"):
+            lang, confidence = (None, 1.0) if code else (lambda g: (g.lang, g.confidence))(identify(text))
         domain = tag_domain(text, declared=declared, source=doc.source, lang=lang)
         if lang is not None:
             if recipe.langid.keep is not None and lang not in recipe.langid.keep:
@@ -320,17 +332,21 @@ def run_unit_filter(unit: Unit, recipe: PipelineRecipe, out: str) -> dict:
             if confidence < recipe.langid.min_confidence:
                 drop(doc, "langid.confidence", f"{lang} at {confidence:.2f} < {recipe.langid.min_confidence}")
                 continue
-        text, rejection = apply_heuristics(text, lang, domain, _heuristics(recipe, domain))
+        with clock("heuristics"):
+            text, rejection = apply_heuristics(text, lang, domain, _heuristics(recipe, domain))
         if rejection:
             drop(doc, rejection.rule, rejection.detail)
             continue
-        if decontaminator and (hit := decontaminator.check(text)):
+        with clock("decontam"):
+            hit = decontaminator.check(text) if decontaminator else None
+        if hit:
             drop(doc, "decontam", f"contains {hit.item} ({hit.shared} shared {decontaminator.ngram}-grams, "
                                   f"LCS {hit.lcs} words)")
             continue
         meta = dict(doc.meta)
         if classifier is not None:
-            score = classifier.score([text])[0]
+            with clock("quality"):
+                score = classifier.score([text])[0]
             meta["quality"] = round(score, 4)
             floor = _threshold(recipe.quality.min_score, domain, lang)
             if floor is not None and score < floor:
@@ -340,7 +356,8 @@ def run_unit_filter(unit: Unit, recipe: PipelineRecipe, out: str) -> dict:
     rejects.close()
     stats["rejected_lines"] = rejects.count
     if recipe.quality.perplexity_model and kept:
-        kept = _perplexity_filter(kept, recipe, drop)
+        with clock("perplexity"):
+            kept = _perplexity_filter(kept, recipe, drop)
     for doc in kept:
         stats["languages"][doc.lang or "code"] += 1
         stats["domains"][doc.domain] += 1
@@ -349,12 +366,37 @@ def run_unit_filter(unit: Unit, recipe: PipelineRecipe, out: str) -> dict:
         for doc in kept:
             writer.write(doc)
     atomic_write_text(folder / "dropped.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
-    atomic_write_text(folder / "exact.json", json.dumps([exact_key(d.text) for d in kept]))
-    if recipe.dedup.near:
-        np.save(folder / "signatures.npy", signatures([d.text for d in kept], recipe.dedup), allow_pickle=False)
+    with clock("dedup_keys"):
+        atomic_write_text(folder / "exact.json", json.dumps([exact_key(d.text) for d in kept]))
+        if recipe.dedup.near:
+            np.save(folder / "signatures.npy", signatures([d.text for d in kept], recipe.dedup), allow_pickle=False)
+    clock.save(folder / "timings.json", documents=stats["documents_in"], megabytes=stats["bytes_in"] / 1e6)
     stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
     atomic_write_text(done, json.dumps(stats, ensure_ascii=False, sort_keys=True))
     return json.loads(done.read_text(encoding="utf-8"))  # exactly what a resumed run reads back
+
+
+class Clock:
+    """Seconds per sub-stage of one unit; saved to timings.json beside (never inside) the outputs,
+    which must be identical from run to run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.seconds[name] = clock.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Timer()
+
+    def save(self, path: Path, **totals: float) -> None:
+        atomic_write_text(path, json.dumps({"seconds": self.seconds, **totals}, sort_keys=True))
 
 
 def _perplexity_filter(kept: list[Document], recipe: PipelineRecipe, drop) -> list[Document]:
@@ -457,8 +499,9 @@ def run_unit_write(unit: Unit, recipe: PipelineRecipe, out: str, removed: dict[s
     stats: dict[str, Any] = {"unit": unit.id, "documents_out": len(docs), "duplicates_removed": len(removed),
                              "documents": {}, "tokens": {}}
     tokenizer = _cached(f"tokenizer:{recipe.pack.tokenizer}", lambda: _tokenizer(recipe)) if recipe.pack.enabled else None
+    clock = Clock()
     for domain, domain_docs in sorted(by_domain.items()):
-        with DocumentWriter(out / "documents" / domain / f"{unit.id}.jsonl.zst") as writer:
+        with clock("write_documents"), DocumentWriter(out / "documents" / domain / f"{unit.id}.jsonl.zst") as writer:
             for doc in domain_docs:
                 writer.write(doc)
         stats["documents"][domain] = len(domain_docs)
@@ -468,13 +511,17 @@ def run_unit_write(unit: Unit, recipe: PipelineRecipe, out: str, removed: dict[s
         writers = {split: ShardWriter(out / "shards" / split, f"{domain}-{unit.id}", tokenizer.fingerprint,
                                       tokenizer.vocab_size, end, recipe.pack.shard_tokens) for split in ("train", "val")}
         counts = Counter()
-        for doc, ids in zip(domain_docs, tokenizer.encode_batch([d.text for d in domain_docs])):
+        with clock("tokenize"):
+            encoded = tokenizer.encode_batch([d.text for d in domain_docs])
+        for doc, ids in zip(domain_docs, encoded):
             split = split_of(doc, recipe.pack.val_fraction)
             writers[split].add(ids, doc.source or unit.input)
             counts[split] += len(ids) + 1
         for writer in writers.values():
             writer.flush()
         stats["tokens"][domain] = dict(counts)
+    clock.save(folder / "timings.json", documents=len(docs),
+               megabytes=sum(len(d.text.encode("utf-8", errors="surrogatepass")) for d in docs) / 1e6)
     atomic_write_text(done, json.dumps(stats, sort_keys=True))
     return json.loads(done.read_text(encoding="utf-8"))
 
@@ -524,15 +571,19 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, executor=None, prog
     executor = executor or make_executor(recipe.executor.kind, recipe.executor.workers, recipe.executor.address)
     try:
         todo = units if stop_after_units is None else units[:stop_after_units]
+        wall = {"filter": time.perf_counter()}
         with tqdm(total=len(todo), desc="filter", unit=" units", disable=not progress, file=sys.stderr) as bar:
             stage1 = executor.map(run_unit_filter, [(u, recipe, str(out)) for u in todo], progress=bar.update)
         if stop_after_units is not None:
             return None
+        wall["dedup"] = time.perf_counter()
         dedup = run_dedup(units, recipe, out)
+        wall["write"] = time.perf_counter()
         removed = json.loads((out / "dedup" / "removed.json").read_text(encoding="utf-8"))
         with tqdm(total=len(units), desc="write", unit=" units", disable=not progress, file=sys.stderr) as bar:
             stage2 = executor.map(run_unit_write, [(u, recipe, str(out), removed.get(u.id, {})) for u in units],
                                   progress=bar.update)
+        wall["end"] = time.perf_counter()
     finally:
         if owned and hasattr(executor, "close"):
             executor.close()
@@ -548,4 +599,30 @@ def run_pipeline(recipe: PipelineRecipe, out: str | Path, *, executor=None, prog
     summary = RunSummary(out, len(units), sum(s["documents_in"] for s in stage1), sum(s["kept"] for s in stage1),
                          sum(s["documents_out"] for s in stage2), dict(tokens), dict(dropped), dedup)
     write_report(recipe, out, stage1, dedup, stage2)
+    write_timings(out, units, wall, recipe.executor)
     return summary
+
+
+def write_timings(out: Path, units: list[Unit], wall: dict[str, float], executor: ExecutorSpec) -> dict:
+    """Throughput per step (wall clock, all workers) and per sub-stage (seconds summed over units,
+    i.e. one worker's time): timings.json. Units resumed from an earlier run keep that run's times."""
+    steps = {"filter": ("filter", "dedup"), "dedup": ("dedup", "write"), "write": ("write", "end")}
+    per_stage: dict[str, dict[str, float]] = {}
+    for step in ("stage1", "stage2"):
+        totals = {"documents": 0.0, "megabytes": 0.0}
+        seconds: Counter = Counter()
+        for unit in units:
+            path = out / step / unit.id / "timings.json"
+            if path.is_file():
+                t = json.loads(path.read_text(encoding="utf-8"))
+                seconds.update(t["seconds"])
+                totals["documents"] += t["documents"]
+                totals["megabytes"] += t["megabytes"]
+        for name, sec in seconds.items():
+            per_stage[name] = {"seconds": round(sec, 3), "documents_per_s": round(totals["documents"] / sec, 1) if sec else 0,
+                               "mb_per_s": round(totals["megabytes"] / sec, 3) if sec else 0}
+    timings = {"executor": executor.kind, "workers": executor.workers,
+               "wall_seconds": {k: round(wall[b] - wall[a], 2) for k, (a, b) in steps.items()},
+               "per_worker_stage": per_stage}
+    atomic_write_text(out / "timings.json", json.dumps(timings, indent=1, sort_keys=True))
+    return timings
