@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,10 @@ def cmd_data_run(args: argparse.Namespace) -> int:
           f"{summary.written:,} written with {sum(summary.tokens.values()):,} tokens in {seconds:.0f} s "
           f"({recipe.executor.kind} executor, {recipe.executor.workers} workers); report: {out / 'report.md'}",
           file=sys.stderr)
+    timings = json.loads((out / "timings.json").read_text(encoding="utf-8"))
+    for stage, t in timings["per_worker_stage"].items():
+        print(f"  {stage:16s} {t['seconds']:8.1f} s of one worker  {t['documents_per_s']:9.1f} documents/s  "
+              f"{t['mb_per_s']:7.2f} MB/s", file=sys.stderr)
     return 0
 
 
