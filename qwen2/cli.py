@@ -413,6 +413,20 @@ def cmd_data_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_mixture_search(args: argparse.Namespace) -> int:
+    from qwen2.data.mixture import load_mixture_recipe, run_mixture_search
+
+    spec = load_mixture_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    started = time.perf_counter()
+    result = run_mixture_search(spec, out, progress=True)
+    weights = ", ".join(f"{d} {w:.3f}" for d, w in result["weights"].items())
+    print(f"{len(result['results'])} proxy models ({spec.steps} steps each) in {time.perf_counter() - started:.0f} s; "
+          f"chosen mixture: {weights}; written to {out / 'mixture.json'} (a stage's mixture = that file), table in "
+          f"{out / 'mixture_search.md'}", file=sys.stderr)
+    return 0
+
+
 def cmd_train_pretrain(args: argparse.Namespace) -> int:
     from qwen2.train.pretrain import run
     from qwen2.train.recipe import load_recipe
@@ -569,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="override the recipe's worker count")
     p.add_argument("--address", default=None, help="ray: the cluster to join (default: a local Ray)")
     p.set_defaults(func=cmd_data_run)
+    p = dsub.add_parser("mixture-search", help="rank candidate domain mixtures by tiny proxy models' held-out loss")
+    p.add_argument("--recipe", required=True, help="a TOML mixture-search recipe (see recipes/mixture-demo.toml)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<recipe name>)")
+    p.set_defaults(func=cmd_data_mixture_search)
 
     p = sub.add_parser("train", help="training stages, each driven by a TOML recipe")
     trsub = p.add_subparsers(dest="action", required=True)

@@ -128,6 +128,16 @@ class Recipe:
         return self.stages[-1], self.stages[-1].steps - 1
 
 
+def _mixture_files(stage: Any, path: Path) -> Any:
+    """A stage's `mixture` / `mixture_end` may name a mixture.json (qwen2 data mixture-search)."""
+    if not isinstance(stage, dict):
+        return stage
+    from qwen2.data.mixture import load_mixture_file
+
+    return {k: load_mixture_file(path.parent / v) if k in ("mixture", "mixture_end") and isinstance(v, str) else v
+            for k, v in stage.items()}
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     raw = read_toml(path)
@@ -140,7 +150,8 @@ def load_recipe(path: str | Path) -> Recipe:
     stages_raw = raw.get("stage", [])
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError(f"{where}: at least one [[stage]] with a name and steps is needed")
-    stages = tuple(_build(StageSpec, s, f"{where}: stage {i + 1}") for i, s in enumerate(stages_raw))
+    stages = tuple(_build(StageSpec, _mixture_files(s, path), f"{where}: stage {i + 1}")
+                   for i, s in enumerate(stages_raw))
     train = _build(TrainSpec, raw.get("train", {}), f"{where}: [train]")
     data = _build(DataSpec, raw.get("data", {}), f"{where}: [data]")
     recipe = Recipe(name=str(raw.get("name", path.stem)), path=path.resolve(), seed=int(raw.get("seed", 0)),
