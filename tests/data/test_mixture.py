@@ -52,13 +52,13 @@ seq_len = 64
     assert chosen["weights"] == result["weights"] and len(chosen["candidates"]) == 2
 
     from qwen2.train.recipe import load_recipe
-    (tmp_path / "train.toml").write_text(f'''
+    (tmp_path / "train.toml").write_text('''
 [model]
 preset = "tiny"
 [tokenizer]
 path = "tok"
 [data]
-sources = {{ prose = "shards/train/prose-*.json", digits = "shards/train/digits-*.json" }}
+sources = { prose = "shards/train/prose-*.json", digits = "shards/train/digits-*.json" }
 [[stage]]
 name = "general"
 steps = 2
