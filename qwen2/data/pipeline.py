@@ -256,8 +256,11 @@ def _threshold(table: dict, domain: str, lang: str | None) -> float | None:
 
 
 def _heuristics(recipe: PipelineRecipe, domain: str) -> HeuristicConfig:
-    families = recipe.filters.families.get(domain) or recipe.filters.families.get("default") or \
-        DEFAULT_FAMILIES.get(domain, DEFAULT_FAMILIES["default"])
+    # the recipe's families for this domain, else the built-in ones for it (code, books,
+    # multilingual), else the recipe's default, else the built-in default; [] = no rules
+    user = recipe.filters.families
+    families = next(table[key] for table, key in ((user, domain), (DEFAULT_FAMILIES, domain), (user, "default"),
+                                                  (DEFAULT_FAMILIES, "default")) if key in table)
     on = set(families)
     return HeuristicConfig(gopher_quality=GopherQuality() if "gopher_quality" in on else None,
                            gopher_repetition=GopherRepetition() if "gopher_repetition" in on else None,
