@@ -217,13 +217,22 @@ def plan_units(recipe: PipelineRecipe) -> list[Unit]:
     return units
 
 
+_cache: dict[str, Any] = {}  # per worker process: models, tokenizers, decontamination index
+
+
+def _cached(key: str, make) -> Any:
+    if key not in _cache:
+        _cache[key] = make()
+    return _cache[key]
+
+
 def unit_documents(unit: Unit, on_error: RejectWriter) -> Iterator[Document]:
     if unit.corpus:
         from qwen2.data.corpora import corpus_documents
         from qwen2.demo import cache_dir
 
-        for doc in corpus_documents(unit.corpus, cache_dir() / "corpora")[unit.start:unit.end]:
-            yield doc
+        documents = _cached(f"corpus:{unit.corpus}", lambda: corpus_documents(unit.corpus, cache_dir() / "corpora"))
+        yield from documents[unit.start:unit.end]
     elif unit.text_files:
         for name in unit.files:
             raw = Path(name).read_bytes()
@@ -238,15 +247,6 @@ def unit_documents(unit: Unit, on_error: RejectWriter) -> Iterator[Document]:
 
 
 # ---- step 1: filter -----------------------------------------------------------------------------
-
-_cache: dict[str, Any] = {}  # per worker process: models, tokenizers, decontamination index
-
-
-def _cached(key: str, make) -> Any:
-    if key not in _cache:
-        _cache[key] = make()
-    return _cache[key]
-
 
 def _threshold(table: dict, domain: str, lang: str | None) -> float | None:
     for key in (f"{domain}:{lang}", domain, "default"):
