@@ -100,9 +100,13 @@ class DecontamSpec:
     lcs_ratio: float = 0.6
 
 
+DOCUMENT_FORMATS = ("jsonl.zst", "jsonl.gz", "jsonl", "parquet")
+
+
 @dataclass(frozen=True)
 class PackSpec:
-    enabled: bool = True
+    documents_format: str = "jsonl.zst"  # the kept documents: jsonl.zst, jsonl.gz, jsonl or parquet
+    enabled: bool = True  # token shards
     tokenizer: str = "demo"  # "demo", a model or tokenizer directory, or a GGUF file
     val_fraction: float = 0.05
     shard_tokens: int = 1 << 26
@@ -163,6 +167,8 @@ def load_pipeline_recipe(path: str | Path) -> PipelineRecipe:
     for domain, families in (parts.get("filters") or FilterSpec()).families.items():
         if not isinstance(families, list) or any(f not in FAMILIES for f in families):
             raise RecipeError(f"{where}: [filters] families.{domain} must list some of {FAMILIES}")
+    if (parts.get("pack") or PackSpec()).documents_format not in DOCUMENT_FORMATS:
+        raise RecipeError(f"{where}: [pack] documents_format must be one of {DOCUMENT_FORMATS}")
     ex = parts.get("executor") or ExecutorSpec()
     if ex.kind not in ("local", "ray") or ex.workers < 1:
         raise RecipeError(f"{where}: [executor] kind must be 'local' or 'ray' and workers >= 1")
@@ -504,7 +510,8 @@ def run_unit_write(unit: Unit, recipe: PipelineRecipe, out: str, removed: dict[s
     tokenizer = _cached(f"tokenizer:{recipe.pack.tokenizer}", lambda: _tokenizer(recipe)) if recipe.pack.enabled else None
     clock = Clock()
     for domain, domain_docs in sorted(by_domain.items()):
-        with clock("write_documents"), DocumentWriter(out / "documents" / domain / f"{unit.id}.jsonl.zst") as writer:
+        target = out / "documents" / domain / f"{unit.id}.{recipe.pack.documents_format}"
+        with clock("write_documents"), DocumentWriter(target) as writer:
             for doc in domain_docs:
                 writer.write(doc)
         stats["documents"][domain] = len(domain_docs)

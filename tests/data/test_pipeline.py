@@ -132,6 +132,17 @@ def test_a_killed_run_resumes_to_the_same_files(setup):
     assert _files(setup / "killed") == _files(setup / "whole")
 
 
+def test_documents_can_be_written_as_parquet(setup):
+    recipe = _recipe(setup, setup / "tok")
+    text = (setup / "recipe.toml").read_text().replace("[pack]\n", '[pack]\ndocuments_format = "parquet"\n')
+    (setup / "recipe.toml").write_text(text)
+    run_pipeline(load_pipeline_recipe(setup / "recipe.toml"), setup / "pq", progress=False)
+    run_pipeline(recipe, setup / "zst", progress=False)
+    as_parquet = [d for p in sorted((setup / "pq" / "documents").rglob("*.parquet")) for d in iter_documents([p])]
+    as_jsonl = [d for p in sorted((setup / "zst" / "documents").rglob("*.zst")) for d in iter_documents([p])]
+    assert as_parquet == as_jsonl and len(as_parquet) > 5
+
+
 def test_ray_writes_the_same_files_as_the_local_executor(setup):
     run_pipeline(_recipe(setup, setup / "tok", "local", 2), setup / "local", progress=False)
     run_pipeline(_recipe(setup, setup / "tok", "ray", 2), setup / "ray", progress=False)
