@@ -31,6 +31,40 @@ class ConfigError(ValueError):
     """A config.json that is not a valid Qwen2 config; the message names the field."""
 
 
+@dataclass(frozen=True)
+class SparseConfig:
+    """Sparse (vertical-and-slash) prefill settings: `sparse_prefill_config` (qwen2.model.sparse)."""
+
+    threshold: int = 8192     # sparse when a forward reads at least this many keys; dense below
+    last_q: int = 64          # queries that estimate each head's pattern
+    vertical_size: int = 1024  # at most this many key columns per head
+    slash_size: int = 1024     # at most this many diagonals (distances) per head
+    coverage: float = 0.95    # per head: the fewest lines holding this share of the estimated attention
+    block_size: int = 128     # queries per block
+    sink_tokens: int = 64     # always kept columns (the first keys)
+    local_size: int = 128     # always kept distances (the nearest keys)
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "last_q", "vertical_size", "slash_size", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"sparse_prefill_config: {name} must be a positive integer (got {value!r})")
+        for name in ("sink_tokens", "local_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"sparse_prefill_config: {name} must be a non-negative integer (got {value!r})")
+        if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)) or not 0 < self.coverage <= 1:
+            raise ValueError(f"sparse_prefill_config: coverage must be in (0, 1] (got {self.coverage!r})")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SparseConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"sparse_prefill_config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+
 @dataclass
 class Qwen2Config:
     vocab_size: int = 151936
@@ -170,7 +204,6 @@ class Qwen2Config:
             if not 0 <= local < chunk:
                 raise bad("dual_chunk_attention_config", f"needs 0 <= local_size < chunk_size (got {local}, {chunk})")
         if self.sparse_prefill_config is not None:
-            from qwen2.model.sparse import SparseConfig  # the one definition of the fields and their limits
             if not isinstance(self.sparse_prefill_config, dict):
                 raise bad("sparse_prefill_config", "must be an object or null")
             try:

@@ -23,43 +23,14 @@ always dense. Shape legend: H query heads, K kv heads, G = H / K, T queries, S k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
+from qwen2.config import SparseConfig
 from qwen2.model.dca import merge_parts
 
-
-@dataclass(frozen=True)
-class SparseConfig:
-    threshold: int = 8192     # sparse when a forward reads at least this many keys; dense below
-    last_q: int = 64          # queries that estimate each head's pattern
-    vertical_size: int = 1024  # at most this many key columns per head
-    slash_size: int = 1024     # at most this many diagonals (distances) per head
-    coverage: float = 0.95    # per head: the fewest lines holding this share of the estimated attention
-    block_size: int = 128     # queries per block
-    sink_tokens: int = 64     # always kept columns (the first keys)
-    local_size: int = 128     # always kept distances (the nearest keys)
-
-    def __post_init__(self) -> None:
-        for name in ("threshold", "last_q", "vertical_size", "slash_size", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"sparse_prefill_config: {name} must be a positive integer (got {value!r})")
-        for name in ("sink_tokens", "local_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"sparse_prefill_config: {name} must be a non-negative integer (got {value!r})")
-        if not 0 < self.coverage <= 1:
-            raise ValueError(f"sparse_prefill_config: coverage must be in (0, 1] (got {self.coverage!r})")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SparseConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"sparse_prefill_config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**data)
+__all__ = ["SparseConfig", "SparsePrefill", "SparseStats", "estimate_pattern", "sparse_attention"]
 
 
 @dataclass
