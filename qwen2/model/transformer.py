@@ -125,6 +125,9 @@ class Qwen2Model(nn.Module):
         """RoPE frequencies and attention scaling, Dual Chunk Attention and sparse prefill, as `config` says."""
         self.sparse: SparsePrefill | None = None
         if config.sparse_prefill_config is not None:
+            if config.dual_chunk_attention_config:
+                raise ValueError("sparse_prefill_config and dual_chunk_attention_config together are not supported "
+                                 "yet: sparse prefill runs on plain or YaRN attention")
             self.sparse = SparsePrefill(SparseConfig.from_dict(config.sparse_prefill_config))
         self.inv_freq, self.attention_scaling = rope_parameters(config)
         self._adaptive_rope: dict[float, tuple[torch.Tensor, float]] = {}  # length-adaptive YaRN, per scale

@@ -135,3 +135,6 @@ def test_bad_settings_are_named():
     from qwen2.eval.long_context import configure_long_context
     with pytest.raises(ValueError, match="DCA"):
         configure_long_context(_tiny(), dca=True, sparse={})
+    with pytest.raises(ValueError, match="together"):  # from a config.json: refused, not silently ignored
+        Qwen2ForCausalLM(dataclasses.replace(PRESETS["tiny"], sparse_prefill_config={},
+                                             dual_chunk_attention_config={"chunk_size": 32, "local_size": 8}))
