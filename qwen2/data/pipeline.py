@@ -43,7 +43,7 @@ from qwen2.data.dedup import DedupConfig, exact_key, near_duplicate_clusters, si
 from qwen2.data.filters import (C4Quality, CodeQuality, FineWebQuality, GopherQuality, GopherRepetition,
                                 HeuristicConfig, apply_heuristics)
 from qwen2.data.normalize import NormalizeConfig, normalize_text
-from qwen2.data.readers import DataError, Document, Reject, expand_paths, read_file
+from qwen2.data.readers import DataError, Document, expand_paths, read_file, read_text_file
 from qwen2.data.writers import DocumentWriter, RejectWriter
 from qwen2.tomlspec import RecipeError, build, read_toml
 
@@ -241,12 +241,7 @@ def unit_documents(unit: Unit, on_error: RejectWriter) -> Iterator[Document]:
         yield from documents[unit.start:unit.end]
     elif unit.text_files:
         for name in unit.files:
-            raw = Path(name).read_bytes()
-            try:
-                yield Document(id=name, text=raw.decode("utf-8"), source=name)
-            except UnicodeDecodeError as e:
-                on_error(Reject(name, f"invalid UTF-8 at byte {e.start}", raw[:Reject.RAW_LIMIT].decode(
-                    "utf-8", errors="backslashreplace")))
+            yield from read_text_file(Path(name), on_error=on_error)
     else:
         for name in unit.files:
             yield from read_file(Path(name), on_error=on_error)
@@ -301,7 +296,9 @@ def run_unit_filter(unit: Unit, recipe: PipelineRecipe, out: str) -> dict:
                              "dropped": Counter(), "languages": Counter(), "domains": Counter(), "rejected_lines": 0}
     spec = next(i for i in recipe.inputs if i.name == unit.input)
     rejects = RejectWriter(folder / "rejects.jsonl")
-    decontaminator = _cached(f"decontam:{recipe.path}", lambda: _decontaminator(recipe)) if recipe.decontam else None
+    decontaminator = None
+    if recipe.decontam:
+        decontaminator = _cached(f"decontam:{recipe.path}:{recipe.decontam}", lambda: _decontaminator(recipe))
     classifier = None
     if recipe.quality.classifier:
         from qwen2.data.quality import QualityClassifier
@@ -342,7 +339,8 @@ def run_unit_filter(unit: Unit, recipe: PipelineRecipe, out: str) -> dict:
                 drop(doc, "langid.confidence", f"{lang} at {confidence:.2f} < {recipe.langid.min_confidence}")
                 continue
         with clock("heuristics"):
-            text, rejection = apply_heuristics(text, lang, domain, _heuristics(recipe, domain))
+            rules = _cached(f"heuristics:{domain}:{recipe.filters}", lambda: _heuristics(recipe, domain))
+            text, rejection = apply_heuristics(text, lang, domain, rules)
         if rejection:
             drop(doc, rejection.rule, rejection.detail)
             continue
@@ -507,7 +505,9 @@ def run_unit_write(unit: Unit, recipe: PipelineRecipe, out: str, removed: dict[s
         by_domain.setdefault(doc.domain or "web", []).append(doc)
     stats: dict[str, Any] = {"unit": unit.id, "documents_out": len(docs), "duplicates_removed": len(removed),
                              "documents": {}, "tokens": {}}
-    tokenizer = _cached(f"tokenizer:{recipe.pack.tokenizer}", lambda: _tokenizer(recipe)) if recipe.pack.enabled else None
+    tokenizer = None
+    if recipe.pack.enabled:
+        tokenizer = _cached(f"tokenizer:{recipe.path}:{recipe.pack.tokenizer}", lambda: _tokenizer(recipe))
     clock = Clock()
     for domain, domain_docs in sorted(by_domain.items()):
         target = out / "documents" / domain / f"{unit.id}.{recipe.pack.documents_format}"

@@ -108,15 +108,7 @@ def open_binary(path: Path) -> IO[bytes]:
 def read_file(path: Path, *, on_error: OnError | None = None) -> Iterator[Document]:
     kind = _kind(path)
     if kind == "text":
-        try:
-            with open_binary(path) as f:
-                text = f.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-            _bad(on_error, str(path), f"invalid UTF-8 at byte {e.start}", b"")
-            return
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: cannot read ({e})") from None
-        yield Document(id=str(path), text=text, source=str(path))
+        yield from read_text_file(path, on_error=on_error)
     elif kind == "parquet":
         yield from _read_parquet(path, on_error)
     else:
@@ -125,6 +117,19 @@ def read_file(path: Path, *, on_error: OnError | None = None) -> Iterator[Docume
                 yield _document(obj, where)
             except DataError as e:
                 _bad(on_error, where, str(e).removeprefix(f"{where}: "), json.dumps(obj, ensure_ascii=False).encode())
+
+
+def read_text_file(path: Path, *, on_error: OnError | None = None) -> Iterator[Document]:
+    """The whole file as one document (whatever its suffix; .gz / .zst decompressed)."""
+    try:
+        with open_binary(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    try:
+        yield Document(id=str(path), text=raw.decode("utf-8"), source=str(path))
+    except UnicodeDecodeError as e:
+        _bad(on_error, str(path), f"invalid UTF-8 at byte {e.start}", raw)
 
 
 def _bad(on_error: OnError | None, where: str, reason: str, raw: bytes) -> None:
