@@ -611,8 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     from qwen2.config import ConfigError
     from qwen2.demo import DemoWeightsError
 
+    finished = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        finished = True
+        return code
     except (CheckpointError, ConfigError, DemoWeightsError, ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("QWEN2_DEBUG"):
             raise
@@ -621,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # training under torchrun joins a process group
+            from qwen2.train.distributed import shutdown
+
+            shutdown(wait=finished)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, wait: bool) -> None:
+    """Leave the process group, if this process joined one. Called on every rank when its work is
+    over: a process that exits with gloo's threads still running can abort in C++ ("terminate called
+    without an active exception"). `wait` (after success): first wait for the slowest rank (rank 0
+    exports the model alone); never after an error, when the others may never arrive."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
