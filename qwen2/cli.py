@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("eval", help="evaluations: long-context perplexity, needle in a haystack")
+    p = sub.add_parser("eval", help="evaluations: long-context perplexity, needle in a haystack, maths")
     esub = p.add_subparsers(dest="eval_verb", required=True)
     for name, text, func in (("ppl", "perplexity of long windows of a text file at several lengths", cmd_eval_ppl),
                              ("needle", "needle-in-a-haystack over context lengths and depths", cmd_eval_needle)):
@@ -527,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
             e.add_argument("--seed", type=int, default=0)
             e.add_argument("--out", default=None, help="directory for needle.md and needle.png")
+
+    from qwen2.synth.commands import add_eval_maths_parser, add_synth_parser
+
+    add_eval_maths_parser(esub, _add_model_args, _load)
+    add_synth_parser(sub, _add_model_args, _load)
 
     p = sub.add_parser("convert", help="convert a GGUF / HF directory / hub id into a Hugging Face directory")
     p.add_argument("src")
@@ -610,13 +615,14 @@ def main(argv: list[str] | None = None) -> int:
     from qwen2.checkpoint import CheckpointError
     from qwen2.config import ConfigError
     from qwen2.demo import DemoWeightsError
+    from qwen2.synth.sandbox import SandboxError
 
     finished = False
     try:
         code = args.func(args)
         finished = True
         return code
-    except (CheckpointError, ConfigError, DemoWeightsError, ValueError, OSError, FloatingPointError) as e:
+    except (CheckpointError, ConfigError, DemoWeightsError, SandboxError, ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("QWEN2_DEBUG"):
             raise
         print(f"qwen2 {args.verb}: error: {e}", file=sys.stderr)

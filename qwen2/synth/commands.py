@@ -1,0 +1,116 @@
+"""The `qwen2 synth ...` verbs and `qwen2 eval maths` (the argparse side; cli.py mounts them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from qwen2.eval.maths import KINDS
+
+
+def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
+    p = sub.add_parser("synth", help="post-training data synthesis (maths rejection sampling, sandbox check)")
+    ssub = p.add_subparsers(dest="synth_verb", required=True)
+
+    m = ssub.add_parser("math", help="maths rejection sampling: k solutions per generated problem, keep the right ones")
+    add_model_args(m)
+    m.add_argument("--out", required=True, help="conversations JSONL (pairs, sample log and summary beside it)")
+    m.add_argument("--problems", type=int, default=200, help="generated problems to sample")
+    m.add_argument("--k", type=int, default=4, help="samples per problem")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--temperature", type=float, default=0.7)
+    m.add_argument("--top-p", type=float, default=0.95)
+    m.add_argument("--max-new-tokens", type=int, default=512)
+    m.add_argument("--keep", type=int, default=2, help="right solutions kept per problem")
+    m.add_argument("--kinds", default=",".join(KINDS), help="comma-separated problem kinds: " + ", ".join(KINDS))
+    m.set_defaults(func=lambda args: cmd_synth_math(args, load))
+
+    s = ssub.add_parser("sandbox", help="show the sandbox's isolation layers here, or run a Python file in it")
+    s.add_argument("file", nargs="?", help="a Python file to run in the sandbox")
+    s.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds")
+    s.add_argument("--memory-mb", type=int, default=1024)
+    s.set_defaults(func=cmd_synth_sandbox)
+
+
+def add_eval_maths_parser(esub, add_model_args: Callable, load: Callable) -> None:
+    from qwen2.synth.maths import HELD_OUT_SEED
+
+    e = esub.add_parser("maths", help="exact-match accuracy on generated maths problems (greedy)")
+    add_model_args(e)
+    e.add_argument("--problems", type=int, default=300)
+    e.add_argument("--seed", type=int, default=HELD_OUT_SEED, help=f"problem set (default: the held-out set, {HELD_OUT_SEED})")
+    e.add_argument("--kinds", default=",".join(KINDS))
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--out", default=None, help="JSON file for the scores and per-problem records")
+    e.set_defaults(func=lambda args: cmd_eval_maths(args, load))
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def cmd_synth_math(args: argparse.Namespace, load: Callable) -> int:
+    from qwen2.synth.maths import MathsSynthesis, rejection_sample
+    from qwen2.synth.records import write_output
+
+    spec = MathsSynthesis(problems=args.problems, seed=args.seed, k=args.k, temperature=args.temperature,
+                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, keep=args.keep, kinds=_kinds(args.kinds))
+    pretrained = load(args)
+    started = time.perf_counter()
+    result = rejection_sample(pretrained, spec, progress=True)
+    paths = write_output(result, args.out)
+    s = result.summary
+    print(f"{s['problems']} problems x {spec.k} samples in {time.perf_counter() - started:.0f} s: "
+          f"{s['verdicts'].get('correct', 0)} right ({s['sample_accuracy']:.1%}), verdicts {s['verdicts']}; "
+          f"{s['problems_solved']} problems solved; kept {s['kept_conversations']} conversations -> {paths['conversations']}, "
+          f"{s['preference_pairs']} pairs -> {paths['preferences']}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_maths(args: argparse.Namespace, load: Callable) -> int:
+    from qwen2.atomic import atomic_write_text
+    from qwen2.eval.maths import evaluate, generate_problems
+
+    if args.problems < 1:
+        raise ValueError(f"--problems must be at least 1 (got {args.problems})")
+    problems = generate_problems(args.problems, seed=args.seed, kinds=_kinds(args.kinds))
+    pretrained = load(args)
+    started = time.perf_counter()
+    scores = evaluate(pretrained, problems, max_new_tokens=args.max_new_tokens, progress=True)
+    for name, s in [("overall", scores["overall"])] + sorted(scores["by_kind"].items()):
+        print(f"{name:11s} {s['correct']:4d}/{s['total']:<4d} = {s['accuracy']:.1%}  "
+              f"(95% CI {s['ci95'][0]:.1%} - {s['ci95'][1]:.1%})")
+    print(f"{len(problems)} problems (seed {args.seed}) in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps({**scores, "model": pretrained.source, "seed": args.seed},
+                                                     indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_synth_sandbox(args: argparse.Namespace) -> int:
+    from qwen2.synth.sandbox import Limits, Sandbox
+
+    box = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, int(args.timeout)), memory_mb=args.memory_mb))
+    if args.file is None:
+        print("the sandbox on this machine:")
+        for layer in box.layers:
+            print("  " + layer)
+        return 0
+    try:
+        program = Path(args.file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.file}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    result = box.run(program)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    print(f"verdict: {result.verdict} ({result.detail}) in {result.seconds:.2f} s"
+          + (", output truncated" if result.truncated else ""), file=sys.stderr)
+    return 0 if result.passed else 1

@@ -1,0 +1,52 @@
+"""What every synthesis method writes: conversations, preference pairs, the full sample log.
+
+Formats are DESIGN.md's: conversations `{"messages": [...]}` (SFT), preferences `{"prompt":
+[...], "chosen": [...], "rejected": [...]}` (DPO, reward model); each record also carries `meta`
+with its provenance (method, model, seed, verdicts), which the trainers ignore. For an output
+`out.jsonl` the method writes:
+
+    out.jsonl                  the kept conversations
+    out.preferences.jsonl      the pairs
+    out.samples.jsonl          every sample with its verdict (nothing is silently dropped)
+    out.summary.json           counts and settings
+
+All four are written atomically (temporary name, then rename) once the run is done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen2.atomic import atomic_write_text
+
+
+@dataclass
+class SynthesisOutput:
+    conversations: list[dict] = field(default_factory=list)
+    preferences: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return {"conversations": out, "preferences": out.with_name(stem + ".preferences.jsonl"),
+            "samples": out.with_name(stem + ".samples.jsonl"), "summary": out.with_name(stem + ".summary.json")}
+
+
+def write_output(result: SynthesisOutput, out: str | Path) -> dict[str, Path]:
+    paths = output_paths(out)
+    paths["conversations"].parent.mkdir(parents=True, exist_ok=True)
+    for key in ("conversations", "preferences", "samples"):
+        atomic_write_text(paths[key], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in getattr(result, key)))
+    atomic_write_text(paths["summary"], json.dumps(result.summary, indent=1, ensure_ascii=False) + "\n")
+    return paths
+
+
+def model_name(pretrained) -> str:
+    """A short, stable name of the generating model for provenance."""
+    return str(getattr(pretrained, "source", "") or "unknown")
