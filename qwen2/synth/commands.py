@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,17 @@ def add_eval_maths_parser(esub, add_model_args: Callable, load: Callable) -> Non
     e.add_argument("--max-new-tokens", type=int, default=512)
     e.add_argument("--out", default=None, help="JSON file for the scores and per-problem records")
     e.set_defaults(func=lambda args: cmd_eval_maths(args, load))
+
+    h = esub.add_parser("humaneval", help="HumanEval pass@k, every program run in the sandbox")
+    add_model_args(h)
+    h.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    h.add_argument("--samples", type=int, default=1, help="samples per problem (1 = greedy pass@1)")
+    h.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, else 0.8")
+    h.add_argument("--max-new-tokens", type=int, default=512)
+    h.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--out", default=None, help="JSON file for the scores and per-problem records")
+    h.set_defaults(func=lambda args: cmd_eval_humaneval(args, load))
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -92,6 +104,29 @@ def cmd_eval_maths(args: argparse.Namespace, load: Callable) -> int:
     if args.out:
         atomic_write_text(Path(args.out), json.dumps({**scores, "model": pretrained.source, "seed": args.seed},
                                                      indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_eval_humaneval(args: argparse.Namespace, load: Callable) -> int:
+    from qwen2.atomic import atomic_write_text
+    from qwen2.eval.humaneval import evaluate_humaneval, load_humaneval
+    from qwen2.synth.sandbox import Limits, Sandbox
+
+    problems = load_humaneval()[:args.limit] if args.limit else load_humaneval()
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {args.limit})")
+    sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
+    pretrained = load(args)
+    started = time.perf_counter()
+    scores = evaluate_humaneval(pretrained, problems, sandbox, samples=args.samples, temperature=temperature,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
+    passes = ", ".join(f"{k} {v:.1%}" for k, v in scores.items() if k.startswith("pass@"))
+    print(f"HumanEval ({len(problems)} problems, {args.samples} sample(s) each): {passes}; verdicts {scores['verdicts']}")
+    print(f"in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps({**scores, "model": pretrained.source}, indent=1,
+                                                     ensure_ascii=False) + "\n")
     return 0
 
 

