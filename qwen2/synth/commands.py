@@ -112,9 +112,9 @@ def cmd_eval_humaneval(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.eval.humaneval import evaluate_humaneval, load_humaneval
     from qwen2.synth.sandbox import Limits, Sandbox
 
-    problems = load_humaneval()[:args.limit] if args.limit else load_humaneval()
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1 (got {args.limit})")
+    problems = load_humaneval()[:args.limit]
     sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     pretrained = load(args)
