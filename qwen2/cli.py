@@ -454,6 +454,18 @@ def cmd_train_finetune(args: argparse.Namespace) -> int:
         result = run_sft(recipe, out, progress=progress)
         if result["eval"]:
             print(f"validation loss {result['eval']['val_loss']:.4f} on assistant tokens", file=sys.stderr)
+    elif args.action == "reward":
+        from qwen2.train.reward import run_reward
+
+        result = run_reward(recipe, out, progress=progress)
+
+        def shown(accuracy: dict | None, split: str) -> str:
+            value = (accuracy or {}).get(split)
+            return "-" if value is None else f"{value:.3f}"
+
+        before, after = result["accuracy_before"], result["accuracy_after"]
+        print(f"ranking accuracy: training pairs {shown(before, 'train')} before, {shown(after, 'train')} after; "
+              f"held-out pairs {shown(before, 'val')} before, {shown(after, 'val')} after", file=sys.stderr)
     else:
         from qwen2.train.dpo import run_dpo
 
@@ -601,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     p.set_defaults(func=cmd_train_pretrain)
     for action, text in (("sft", "supervised fine-tuning on ChatML conversations (loss on assistant tokens)"),
-                         ("dpo", "offline DPO on preference pairs")):
+                         ("dpo", "offline DPO on preference pairs"),
+                         ("reward", "reward model (backbone + scalar head) on preference pairs, Bradley-Terry loss")):
         p = trsub.add_parser(action, help=text + "; [lora] in the recipe trains adapters only; resumes")
         p.add_argument("--recipe", required=True, help="a TOML recipe (see recipes/)")
         p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from qwen2.atomic import atomic_path, atomic_write_text
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
+from qwen2.model.reward import Qwen2RewardModel, is_reward_config
 from qwen2.model.quant import (QuantConfig, fuse_projections_, quantize_embedding, quantize_embedding_,
                                quantize_linear, quantize_weight, quantized_linear)
 
@@ -32,10 +33,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and, where known, the tensor."""
 
 
-def build_empty_model(config: Qwen2Config) -> Qwen2ForCausalLM:
-    """A model whose parameters live on the meta device (no memory) until weights are assigned."""
+def build_empty_model(config: Qwen2Config) -> Qwen2ForCausalLM | Qwen2RewardModel:
+    """A model whose parameters live on the meta device (no memory) until weights are assigned:
+    the causal LM, or the reward model when config.json names Qwen2ForSequenceClassification."""
     with torch.device("meta"):
-        return Qwen2ForCausalLM(config)
+        return Qwen2RewardModel(config) if is_reward_config(config) else Qwen2ForCausalLM(config)
 
 
 def _portable_shapes(out_features: int, in_features: int,
@@ -208,6 +210,8 @@ def load_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None, de
             raise CheckpointError(f"{directory}: saved as {saved_quant.describe()}; "
                                   f"cannot re-quantize it as {quant.describe()}")
         quant = saved_quant
+    if quant is not None and is_reward_config(config):
+        raise CheckpointError(f"{directory}: a reward model (Qwen2ForSequenceClassification) loads in float only")
     files = _weight_files(directory)
     return assign_weights(build_empty_model(config), _iter_safetensors(files), dtype=dtype, device=device,
                           quant=quant, prequantized=stored is not None)
@@ -226,7 +230,7 @@ def save_hf_model(model: Qwen2ForCausalLM, directory: str | Path, *, dtype: torc
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
-    if not isinstance(model.lm_head, nn.Linear) or any(
+    if not isinstance(getattr(model, "lm_head", None) or getattr(model, "score"), nn.Linear) or any(
             not isinstance(m, nn.Linear) for m in model.model.layers[0].mlp.children()):
         raise ValueError("save the float model and pass quant=...: runtime int4 weights are in a private layout")
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}

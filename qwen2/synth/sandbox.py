@@ -99,10 +99,6 @@ class Result:
     def passed(self) -> bool:
         return self.verdict == "passed"
 
-    def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "exit_code": self.exit_code, "signal": self.signal,
-                "seconds": round(self.seconds, 3), "truncated": self.truncated, "detail": self.detail}
-
 
 @dataclass
 class _Stream:

@@ -153,7 +153,7 @@ def load_checkpoint(path: Path, model: Qwen2ForCausalLM, optimizer: torch.optim.
             raise CheckpointError(f"{path}: its adapters do not fit the model ({len(weights)} tensors saved, "
                                   f"{len(trainable)} trainable; different LoRA settings?)")
         model.load_state_dict(weights, strict=False)
-    elif model.config.tie_word_embeddings:
+    elif model.config.tie_word_embeddings and hasattr(model, "lm_head"):  # a reward model has no head to tie
         weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
     if not adapters:
         missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -91,14 +91,18 @@ def reference_logps(reference: Any, micro: list[Pair]) -> tuple[torch.Tensor, to
     return reference[0][index], reference[1][index]
 
 
-class DPOTask:
-    def __init__(self, recipe: Recipe, pairs: list[Pair], pad_id: int, reference: Any) -> None:
+class PairTask:
+    """What every task over preference pairs shares (DPO, the reward model): the seeded epoch
+    order, this rank's micro-batches of pairs, pairs as the loss unit, resumable state."""
+
+    stage = "pairs"
+
+    def __init__(self, recipe: Recipe, pairs: list[Pair], pad_id: int) -> None:
         self.recipe, self.pairs, self.pad_id = recipe, pairs, pad_id
-        self.reference = reference  # (chosen, rejected) tensors indexed by pair, or a callable
         self.order = EpochOrder(len(pairs), recipe.seed)
         self.mean_length = sum(len(p.chosen[0]) + len(p.rejected[0]) for p in pairs) / len(pairs)
 
-    def prepare_step(self, model: Qwen2ForCausalLM, step: int) -> None:
+    def prepare_step(self, model: torch.nn.Module, step: int) -> None:
         pass
 
     def batches(self, step: int, env: DistEnv) -> list[list[Pair]]:
@@ -109,6 +113,26 @@ class DPOTask:
 
     def count(self, micro: list[Pair]) -> float:
         return float(len(micro))
+
+    def describe(self, step: int) -> dict[str, Any]:
+        return {"stage": self.stage, "epoch": self.order.progress}
+
+    def flops_per_unit(self, model: torch.nn.Module) -> float:
+        return flops_per_token(model.config, int(self.mean_length)) * self.mean_length
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+
+class DPOTask(PairTask):
+    stage = "dpo"
+
+    def __init__(self, recipe: Recipe, pairs: list[Pair], pad_id: int, reference: Any) -> None:
+        super().__init__(recipe, pairs, pad_id)
+        self.reference = reference  # (chosen, rejected) tensors indexed by pair, or a callable
 
     def reference_logps(self, micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         return reference_logps(self.reference, micro)
@@ -127,18 +151,6 @@ class DPOTask:
 
     def evaluate(self, model: Qwen2ForCausalLM, step: int) -> dict[str, float]:
         return {}
-
-    def describe(self, step: int) -> dict[str, Any]:
-        return {"stage": "dpo", "epoch": self.order.progress}
-
-    def flops_per_unit(self, model: Qwen2ForCausalLM) -> float:
-        return flops_per_token(model.config, int(self.mean_length)) * self.mean_length
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
 
 
 @torch.no_grad()

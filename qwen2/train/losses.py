@@ -1,4 +1,4 @@
-"""Training losses beyond the model's own cross-entropy (qwen2.model.loss): sequence log-probs and DPO."""
+"""Training losses beyond the model's own cross-entropy (qwen2.model.loss): sequence log-probs, DPO, Bradley-Terry."""
 
 from __future__ import annotations
 
@@ -37,4 +37,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     metrics = {"rewards/chosen": chosen_reward.mean(), "rewards/rejected": rejected_reward.mean(),
                "rewards/margin": (chosen_reward - rejected_reward).mean(),
                "rewards/accuracy": (chosen_reward > rejected_reward).float().mean()}
+    return losses, metrics
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *,
+                       margin: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reward-model loss on scalar rewards (B,): -log sigmoid(r_c - r_r - m) per pair (m: an
+    optional required margin, as in Llama 2's reward models; 0 without one), and the metrics."""
+    difference = chosen.float() - rejected.float()
+    losses = -F.logsigmoid(difference - (margin if margin is not None else 0.0))
+    metrics = {"reward/accuracy": (difference > 0).float().mean(), "reward/margin": difference.detach().mean(),
+               "reward/chosen": chosen.detach().float().mean(), "reward/rejected": rejected.detach().float().mean()}
     return losses, metrics
