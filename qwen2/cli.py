@@ -466,6 +466,13 @@ def cmd_train_finetune(args: argparse.Namespace) -> int:
         before, after = result["accuracy_before"], result["accuracy_after"]
         print(f"ranking accuracy: training pairs {shown(before, 'train')} before, {shown(after, 'train')} after; "
               f"held-out pairs {shown(before, 'val')} before, {shown(after, 'val')} after", file=sys.stderr)
+    elif args.action == "online":
+        from qwen2.train.online import run_online
+
+        result = run_online(recipe, out, progress=progress)
+        for name, scores in (("before", result["before"]), ("after", result["after"])):
+            if scores:
+                print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
     else:
         from qwen2.train.dpo import run_dpo
 
@@ -614,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_pretrain)
     for action, text in (("sft", "supervised fine-tuning on ChatML conversations (loss on assistant tokens)"),
                          ("dpo", "offline DPO on preference pairs"),
-                         ("reward", "reward model (backbone + scalar head) on preference pairs, Bradley-Terry loss")):
+                         ("reward", "reward model (backbone + scalar head) on preference pairs, Bradley-Terry loss"),
+                         ("online", "online DPO: sample k replies per prompt, score, best vs worst (optionally "
+                                    "with the Online Merging Optimizer)")):
         p = trsub.add_parser(action, help=text + "; [lora] in the recipe trains adapters only; resumes")
         p.add_argument("--recipe", required=True, help="a TOML recipe (see recipes/)")
         p.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")

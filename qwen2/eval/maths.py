@@ -341,3 +341,8 @@ def paired_difference(before: list[bool], after: list[bool], z: float = 1.96) ->
     variance = ((gained + lost) / n - diff * diff) / n
     half = z * math.sqrt(max(variance, 0.0))
     return {"difference": diff, "ci95": [diff - half, diff + half], "gained": gained, "lost": lost, "n": n}
+
+
+def reward(response: str, answer: Fraction, finish_reason: str = "stop") -> float:
+    """The verifier as a reward: 1 for a finished reply whose final answer is right, else 0."""
+    return 1.0 if finish_reason == "stop" and is_correct(response, answer) else 0.0

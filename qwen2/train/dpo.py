@@ -13,7 +13,7 @@ import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -106,10 +106,7 @@ class PairTask:
         pass
 
     def batches(self, step: int, env: DistEnv) -> list[list[Pair]]:
-        t = self.recipe.train
-        chosen = [self.pairs[self.order.take()] for _ in range(t.micro_batch_size * t.grad_accum * env.world_size)]
-        mine = chosen[env.rank::env.world_size]
-        return [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+        return pair_batches(self.pairs, self.order, self.recipe, env)
 
     def count(self, micro: list[Pair]) -> float:
         return float(len(micro))
@@ -168,8 +165,34 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[Pair], pad_id: int, 
     return wins / len(pairs)
 
 
-def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
+def reference_policy(model: torch.nn.Module, pad_id: int, autocast: Any) -> Callable[[list[Pair]], tuple]:
+    """The reference policy's log-probs of pairs: the model as it is now, kept as it is: with LoRA
+    the same model with adapters switched off, otherwise a frozen copy."""
     from qwen2.train.lora import adapters_disabled, lora_layers
+
+    if any(True for _ in lora_layers(model)):
+        def logps(micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad(), adapters_disabled(model), autocast():
+                return pair_logps(model, micro, pad_id)
+        return logps
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def frozen_logps(micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), autocast():
+            return pair_logps(frozen, micro, pad_id)
+    return frozen_logps
+
+
+def pair_batches(pairs: list[Pair], order: EpochOrder, recipe: Recipe, env: DistEnv) -> list[list[Pair]]:
+    """One step's pairs in epoch order, this rank's share, in micro-batches."""
+    t = recipe.train
+    chosen = [pairs[order.take()] for _ in range(t.micro_batch_size * t.grad_accum * env.world_size)]
+    mine = chosen[env.rank::env.world_size]
+    return [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+
+
+def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    from qwen2.train.lora import lora_layers
     from qwen2.train.loop import autocast_for, make_optimizer, resume, start_run, train
     from qwen2.train.sft import finish, load_for_finetuning, pad_id
 
@@ -182,17 +205,7 @@ def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_afte
     pairs = load_preferences(recipe.resolve(recipe.data.preferences, out), tokenizer, recipe.train.seq_len)
     autocast = autocast_for(recipe)
     uses_lora = any(True for _ in lora_layers(model))
-
-    if uses_lora:
-        def reference_model_logps(micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad(), adapters_disabled(model), autocast():
-                return pair_logps(model, micro, pad)
-    else:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-
-        def reference_model_logps(micro: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad(), autocast():
-                return pair_logps(frozen, micro, pad)
+    reference_model_logps = reference_policy(model, pad, autocast)
 
     if recipe.dpo.reference == "precomputed":
         # Before any step (and identically on resume: the reference is the init model, never trained).
@@ -201,7 +214,7 @@ def run_dpo(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_afte
         model.train()
         reference: Any = (torch.cat(chosen), torch.cat(rejected))
         if not uses_lora:
-            del frozen
+            del reference_model_logps  # the frozen copy goes with it
     else:
         reference = reference_model_logps
     if env.is_main:

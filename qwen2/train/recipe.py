@@ -38,6 +38,7 @@ class DataSpec:
     val_fraction: float = 0.05  # for the built-in corpus
     conversations: str | None = None  # sft: JSONL {"messages": [...]}
     preferences: str | None = None  # dpo: JSONL {"prompt": [...], "chosen": [...], "rejected": [...]}
+    prompts: str | None = None  # online: JSONL {"messages": [...], "answer"?: ...}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,26 @@ class DPOSpec:
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"  # or "ipo"
     reference: str = "precomputed"  # reference log-probs computed once before training, or "on_the_fly"
+
+
+@dataclass(frozen=True)
+class OnlineSpec:
+    """Online preference training (qwen2.train.online): each iteration samples k replies per prompt
+    from the current policy, scores them, and trains DPO on best vs worst."""
+    reward: str = "maths"  # "maths": the prompt's "answer", checked exactly; "model": a reward model
+    reward_model: str | None = None  # directory of a Qwen2ForSequenceClassification model (reward = "model")
+    k: int = 4  # samples per prompt
+    prompts_per_iteration: int = 8
+    steps_per_iteration: int = 1  # optimizer steps on each iteration's pairs
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    merge: str = "none"  # "dare" / "ties": the Online Merging Optimizer instead of AdamW
+    base: str | None = None  # the pre-trained model the init (SFT) model came from: tau_ref = init - base
+    reserve_p: float = 0.1
+    alpha: float = 0.01
+    rescale: bool = False
+    eval_prompts: str | None = None  # held-out prompts: mean reward of greedy replies at each evaluation
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,7 @@ class Recipe:
     stages: tuple[StageSpec, ...]
     lora: LoRASpec | None = None
     dpo: DPOSpec = field(default_factory=DPOSpec)
+    online: OnlineSpec = field(default_factory=OnlineSpec)
 
     @property
     def total_steps(self) -> int:
@@ -142,7 +164,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     raw = read_toml(path)
     where = str(path)
-    known = {"name", "seed", "model", "tokenizer", "data", "train", "stage", "lora", "dpo"}
+    known = {"name", "seed", "model", "tokenizer", "data", "train", "stage", "lora", "dpo", "online"}
     if unknown := sorted(set(raw) - known):
         raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     model_raw = dict(raw.get("model", {}))
@@ -158,7 +180,8 @@ def load_recipe(path: str | Path) -> Recipe:
                     model=model, tokenizer=_build(TokenizerSpec, raw.get("tokenizer", {}), f"{where}: [tokenizer]"),
                     data=data, train=train, stages=stages,
                     lora=_build(LoRASpec, raw["lora"], f"{where}: [lora]") if "lora" in raw else None,
-                    dpo=_build(DPOSpec, raw.get("dpo", {}), f"{where}: [dpo]"))
+                    dpo=_build(DPOSpec, raw.get("dpo", {}), f"{where}: [dpo]"),
+                    online=_build(OnlineSpec, raw.get("online", {}), f"{where}: [online]"))
     _check(recipe, where)
     return recipe
 
@@ -178,9 +201,22 @@ def _check(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: [model] needs a preset (plus overrides) or init = a model to continue from")
     if not (recipe.tokenizer.path or recipe.tokenizer.train_vocab_size or recipe.model.init):
         raise RecipeError(f"{where}: [tokenizer] needs path = a tokenizer directory, or train_vocab_size")
-    if not (recipe.data.sources or recipe.data.corpus or recipe.data.conversations or recipe.data.preferences):
+    if not (recipe.data.sources or recipe.data.corpus or recipe.data.conversations or recipe.data.preferences
+            or recipe.data.prompts):
         raise RecipeError(f"{where}: [data] needs sources = {{name = shard directory}}, a corpus, "
-                          f"conversations (sft) or preferences (dpo)")
+                          f"conversations (sft), preferences (dpo, reward) or prompts (online)")
+    o = recipe.online
+    if o.reward not in ("maths", "model") or (o.reward == "model" and not o.reward_model):
+        raise RecipeError(f"{where}: [online] reward must be maths, or model with reward_model = a directory")
+    if o.k < 2 or o.prompts_per_iteration < 1 or o.steps_per_iteration < 1 or o.max_new_tokens < 1:
+        raise RecipeError(f"{where}: [online] needs k >= 2 and prompts_per_iteration, steps_per_iteration, "
+                          f"max_new_tokens >= 1")
+    if o.merge not in ("none", "dare", "ties") or (o.merge != "none" and not o.base):
+        raise RecipeError(f"{where}: [online] merge must be none, dare or ties; dare / ties need base = the "
+                          f"pre-trained model the init model was fine-tuned from")
+    if recipe.data.prompts and t.save_every % o.steps_per_iteration:
+        raise RecipeError(f"{where}: [train] save_every must be a multiple of [online] steps_per_iteration "
+                          f"(checkpoints fall between iterations, so a resumed run samples what it would have)")
     if recipe.dpo.loss_type not in ("sigmoid", "ipo") or recipe.dpo.reference not in ("precomputed", "on_the_fly"):
         raise RecipeError(f"{where}: [dpo] loss_type must be sigmoid|ipo and reference precomputed|on_the_fly")
     for i, stage in enumerate(recipe.stages, 1):
