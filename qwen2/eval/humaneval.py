@@ -72,6 +72,35 @@ def load_humaneval() -> list[CodeProblem]:
     return [CodeProblem(r["task_id"], r["prompt"], r["entry_point"], r["test"], r["canonical_solution"]) for r in rows]
 
 
+def load_code_problems(source: str) -> list[CodeProblem]:
+    """Problems by name: "humaneval" (all 164), "humaneval:train" / "humaneval:test" (the even /
+    odd task numbers: synthesise on one half, evaluate on the other), or a JSONL file in
+    HumanEval's format ({"task_id", "prompt", "entry_point", "test"?}; without "test" a problem
+    gets model-written tests in synthesis)."""
+    if source.startswith("humaneval"):
+        split = source.partition(":")[2]
+        if split not in ("", "train", "test"):
+            raise ValueError(f"{source!r}: the HumanEval splits are humaneval:train and humaneval:test")
+        problems = load_humaneval()
+        if split:
+            problems = [p for p in problems if int(p.task_id.rsplit("/", 1)[1]) % 2 == (split == "test")]
+        return problems
+    from qwen2.data.readers import DataError, iter_jsonl
+
+    problems = []
+    for where, obj in iter_jsonl(Path(source)):
+        fields = {k: obj.get(k) for k in ("task_id", "prompt", "entry_point")}
+        if not all(isinstance(v, str) and v for v in fields.values()) or not isinstance(obj.get("test", ""), str):
+            raise DataError(f"{where}: a code problem needs string task_id, prompt, entry_point (and test, if any)")
+        if not re.fullmatch(r"[A-Za-z_]\w*", fields["entry_point"]):
+            raise DataError(f"{where}: entry_point {fields['entry_point']!r} is not a Python name")
+        problems.append(CodeProblem(fields["task_id"], fields["prompt"], fields["entry_point"], obj.get("test", ""),
+                                    obj.get("canonical_solution", "")))
+    if not problems:
+        raise DataError(f"{source}: no problems")
+    return problems
+
+
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 

@@ -14,7 +14,8 @@ from qwen2.eval.maths import KINDS
 
 
 def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
-    p = sub.add_parser("synth", help="post-training data synthesis (maths rejection sampling, sandbox check)")
+    p = sub.add_parser("synth", help="post-training data synthesis (maths rejection sampling, code execution "
+                                     "feedback, the sandbox)")
     ssub = p.add_subparsers(dest="synth_verb", required=True)
 
     m = ssub.add_parser("math", help="maths rejection sampling: k solutions per generated problem, keep the right ones")
@@ -29,6 +30,24 @@ def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
     m.add_argument("--keep", type=int, default=2, help="right solutions kept per problem")
     m.add_argument("--kinds", default=",".join(KINDS), help="comma-separated problem kinds: " + ", ".join(KINDS))
     m.set_defaults(func=lambda args: cmd_synth_math(args, load))
+
+    c = ssub.add_parser("code", help="execution feedback: k solutions per problem run in the sandbox, passing ones kept")
+    add_model_args(c)
+    c.add_argument("--out", required=True, help="conversations JSONL (pairs, sample log and summary beside it)")
+    c.add_argument("--problems", default="humaneval:train",
+                   help="humaneval:train (default), or a JSONL file of HumanEval-format problems (without "
+                        "\"test\": the model writes the tests)")
+    c.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    c.add_argument("--k", type=int, default=4, help="solutions per problem")
+    c.add_argument("--tests-per-problem", type=int, default=2, help="model-written test suites (untested problems)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--temperature", type=float, default=0.8)
+    c.add_argument("--top-p", type=float, default=0.95)
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    c.add_argument("--decontaminate", default="humaneval:test",
+                   help="comma-separated evaluation sets (humaneval, humaneval:test, or JSONL files); '' for none")
+    c.set_defaults(func=lambda args: cmd_synth_code(args, load))
 
     s = ssub.add_parser("sandbox", help="show the sandbox's isolation layers here, or run a Python file in it")
     s.add_argument("file", nargs="?", help="a Python file to run in the sandbox")
@@ -51,6 +70,8 @@ def add_eval_maths_parser(esub, add_model_args: Callable, load: Callable) -> Non
 
     h = esub.add_parser("humaneval", help="HumanEval pass@k, every program run in the sandbox")
     add_model_args(h)
+    h.add_argument("--problems", default="humaneval",
+                   help="humaneval, humaneval:test / humaneval:train (odd / even task numbers), or a JSONL file")
     h.add_argument("--limit", type=int, default=None, help="only the first N problems")
     h.add_argument("--samples", type=int, default=1, help="samples per problem (1 = greedy pass@1)")
     h.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, else 0.8")
@@ -87,6 +108,31 @@ def cmd_synth_math(args: argparse.Namespace, load: Callable) -> int:
     return 0
 
 
+def cmd_synth_code(args: argparse.Namespace, load: Callable) -> int:
+    from qwen2.synth.code import CodeSynthesis, execution_feedback
+    from qwen2.synth.records import write_output
+    from qwen2.synth.sandbox import Limits, Sandbox
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {args.limit})")
+    spec = CodeSynthesis(problems=args.problems, k=args.k, tests_per_problem=args.tests_per_problem,
+                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                         seed=args.seed, timeout=args.timeout,
+                         decontaminate=tuple(d.strip() for d in args.decontaminate.split(",") if d.strip()))
+    sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
+    sandbox.layers  # noqa: B018 -- fail before loading the model if the sandbox cannot run here
+    pretrained = load(args)
+    started = time.perf_counter()
+    result = execution_feedback(pretrained, sandbox, spec, progress=True, limit=args.limit)
+    paths = write_output(result, args.out)
+    s = result.summary
+    print(f"{s['problems']} problems x {spec.k} solutions in {time.perf_counter() - started:.0f} s: {s['passed']} pass, "
+          f"{s['failed']} fail (sandbox verdicts {s['sandbox_verdicts']}); kept {s['kept']} -> {paths['conversations']}, "
+          f"dropped {s['dropped_duplicate']} duplicates, {s['dropped_contaminated']} contaminated; "
+          f"{s['preference_pairs']} pairs -> {paths['preferences']}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval_maths(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.atomic import atomic_write_text
     from qwen2.eval.maths import evaluate, generate_problems
@@ -109,12 +155,12 @@ def cmd_eval_maths(args: argparse.Namespace, load: Callable) -> int:
 
 def cmd_eval_humaneval(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.atomic import atomic_write_text
-    from qwen2.eval.humaneval import evaluate_humaneval, load_humaneval
+    from qwen2.eval.humaneval import evaluate_humaneval, load_code_problems
     from qwen2.synth.sandbox import Limits, Sandbox
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1 (got {args.limit})")
-    problems = load_humaneval()[:args.limit]
+    problems = load_code_problems(args.problems)[:args.limit]
     sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     pretrained = load(args)
@@ -122,7 +168,7 @@ def cmd_eval_humaneval(args: argparse.Namespace, load: Callable) -> int:
     scores = evaluate_humaneval(pretrained, problems, sandbox, samples=args.samples, temperature=temperature,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
     passes = ", ".join(f"{k} {v:.1%}" for k, v in scores.items() if k.startswith("pass@"))
-    print(f"HumanEval ({len(problems)} problems, {args.samples} sample(s) each): {passes}; verdicts {scores['verdicts']}")
+    print(f"{args.problems} ({len(problems)} problems, {args.samples} sample(s) each): {passes}; verdicts {scores['verdicts']}")
     print(f"in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.out:
         atomic_write_text(Path(args.out), json.dumps({**scores, "model": pretrained.source}, indent=1,

@@ -49,3 +49,18 @@ def test_humaneval_pass_at_1_through_the_sandbox(demo_bf16):
                                 max_new_tokens=384, progress=False)
     assert scores["problems"] == 6 and sum(scores["verdicts"].values()) == 6
     assert scores["pass@1"] >= 2 / 6, scores["verdicts"]  # Qwen2.5-Coder-0.5B-Instruct solves most of these
+
+
+def test_synth_code_runs_every_solution_in_the_sandbox(tmp_path, demo_path):
+    out = tmp_path / "code.jsonl"
+    done = subprocess.run([sys.executable, "-m", "qwen2", "synth", "code", "--model", str(demo_path), "--dtype",
+                           "bfloat16", "--limit", "3", "--k", "2", "--max-new-tokens", "384", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "code.summary.json").read_text())
+    samples = [json.loads(line) for line in (tmp_path / "code.samples.jsonl").read_text().splitlines()]
+    assert summary["samples"] == len(samples) == 6 and summary["passed"] + summary["failed"] == 6
+    assert sum(summary["sandbox_verdicts"].values()) == 6
+    assert summary["passed"] >= 2, summary  # the coder model solves some of HumanEval/0, /2, /4
+    assert summary["kept"] + summary["dropped_duplicate"] + summary["dropped_contaminated"] <= summary["passed"]
+    assert all(s["meta"]["task_id"] in ("HumanEval/0", "HumanEval/2", "HumanEval/4") for s in samples)
