@@ -12,10 +12,12 @@ from typing import Callable
 
 from qwen2.eval.maths import KINDS
 
+DEFAULTS = Path(__file__).with_name("defaults")  # the example constitution and prompts shipped in the package
+
 
 def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
-    p = sub.add_parser("synth", help="post-training data synthesis (maths rejection sampling, code execution "
-                                     "feedback, the sandbox)")
+    p = sub.add_parser("synth", help="post-training data synthesis: maths rejection sampling, code execution "
+                                     "feedback, repurposing, constitutional feedback; the sandbox")
     ssub = p.add_subparsers(dest="synth_verb", required=True)
 
     m = ssub.add_parser("math", help="maths rejection sampling: k solutions per generated problem, keep the right ones")
@@ -48,6 +50,34 @@ def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
     c.add_argument("--decontaminate", default="humaneval:test",
                    help="comma-separated evaluation sets (humaneval, humaneval:test, or JSONL files); '' for none")
     c.set_defaults(func=lambda args: cmd_synth_code(args, load))
+
+    r = ssub.add_parser("repurpose", help="literature -> instructions: Shakespeare's speeches as the responses")
+    add_model_args(r)
+    r.add_argument("--out", required=True, help="conversations JSONL (sample log and summary beside it)")
+    r.add_argument("--mode", choices=["instruction", "roleplay"], default="instruction",
+                   help="instruction: the model writes the request a speech answers; roleplay: character profiles, "
+                        "cue -> real reply")
+    r.add_argument("--passages", type=int, default=100, help="speeches drawn (roleplay: conversations at most)")
+    r.add_argument("--characters", type=int, default=10, help="roleplay: characters profiled")
+    r.add_argument("--min-gain", type=float, default=0.05,
+                   help="nats per passage token a written instruction must add over a generic request")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--temperature", type=float, default=0.7)
+    r.set_defaults(func=lambda args: cmd_synth_repurpose(args, load))
+
+    k = ssub.add_parser("constitutional", help="answer, critique against a principle, revise; revised > original")
+    add_model_args(k)
+    k.add_argument("--out", required=True, help="conversations JSONL (pairs, sample log and summary beside it)")
+    k.add_argument("--prompts", default=str(DEFAULTS / "prompts.jsonl"),
+                   help="JSONL of {\"messages\": [...]} ending with a user turn")
+    k.add_argument("--principles", default=str(DEFAULTS / "constitution.toml"),
+                   help="TOML of [[principle]] name / critique / revision")
+    k.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    k.add_argument("--no-judge", action="store_true", help="keep revisions without the model's two-order check")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--temperature", type=float, default=0.7)
+    k.add_argument("--max-new-tokens", type=int, default=384)
+    k.set_defaults(func=lambda args: cmd_synth_constitutional(args, load))
 
     s = ssub.add_parser("sandbox", help="show the sandbox's isolation layers here, or run a Python file in it")
     s.add_argument("file", nargs="?", help="a Python file to run in the sandbox")
@@ -130,6 +160,45 @@ def cmd_synth_code(args: argparse.Namespace, load: Callable) -> int:
           f"{s['failed']} fail (sandbox verdicts {s['sandbox_verdicts']}); kept {s['kept']} -> {paths['conversations']}, "
           f"dropped {s['dropped_duplicate']} duplicates, {s['dropped_contaminated']} contaminated; "
           f"{s['preference_pairs']} pairs -> {paths['preferences']}", file=sys.stderr)
+    return 0
+
+
+def cmd_synth_repurpose(args: argparse.Namespace, load: Callable) -> int:
+    from qwen2.data.corpora import corpus_documents
+    from qwen2.demo import cache_dir
+    from qwen2.synth.records import write_output
+    from qwen2.synth.repurpose import Repurposing, corpus_speeches, repurpose
+
+    spec = Repurposing(mode=args.mode, passages=args.passages, characters=args.characters, min_gain=args.min_gain,
+                       seed=args.seed, temperature=args.temperature)
+    speeches = corpus_speeches(corpus_documents("shakespeare", cache_dir() / "corpora"))
+    pretrained = load(args)
+    started = time.perf_counter()
+    result = repurpose(pretrained, speeches, spec, progress=True)
+    paths = write_output(result, args.out)
+    print(f"repurposing ({spec.mode}) in {time.perf_counter() - started:.0f} s: {json.dumps(result.summary['drop_reasons'])} "
+          f"dropped; {len(result.conversations)} conversations -> {paths['conversations']}", file=sys.stderr)
+    return 0
+
+
+def cmd_synth_constitutional(args: argparse.Namespace, load: Callable) -> int:
+    from qwen2.synth.constitutional import ConstitutionalFeedback, constitutional_feedback, load_principles
+    from qwen2.synth.records import write_output
+    from qwen2.train.online import load_prompts
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {args.limit})")
+    principles = load_principles(args.principles)
+    prompts = [r["messages"] for r in load_prompts(Path(args.prompts), need_answer=False)][:args.limit]
+    spec = ConstitutionalFeedback(seed=args.seed, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                  judge=not args.no_judge)
+    pretrained = load(args)
+    started = time.perf_counter()
+    result = constitutional_feedback(pretrained, prompts, principles, spec, progress=True)
+    paths = write_output(result, args.out)
+    s = result.summary
+    print(f"{s['prompts']} prompts in {time.perf_counter() - started:.0f} s: {s['kept_pairs']} revised > original "
+          f"pairs -> {paths['preferences']}; dropped {s['dropped']} ({json.dumps(s['drop_reasons'])})", file=sys.stderr)
     return 0
 
 
