@@ -64,3 +64,34 @@ def test_synth_code_runs_every_solution_in_the_sandbox(tmp_path, demo_path):
     assert summary["passed"] >= 2, summary  # the coder model solves some of HumanEval/0, /2, /4
     assert summary["kept"] + summary["dropped_duplicate"] + summary["dropped_contaminated"] <= summary["passed"]
     assert all(s["meta"]["task_id"] in ("HumanEval/0", "HumanEval/2", "HumanEval/4") for s in samples)
+
+
+def test_repurposing_turns_real_speeches_into_conversations(demo_bf16):
+    from qwen2.data.corpora import corpus_documents
+    from qwen2.demo import cache_dir
+    from qwen2.synth.repurpose import Repurposing, corpus_speeches, repurpose
+
+    speeches = corpus_speeches(corpus_documents("shakespeare", cache_dir() / "corpora"))
+    assert len(speeches) > 20_000 and len({s.play for s in speeches}) >= 30
+    out = repurpose(demo_bf16, speeches, Repurposing(passages=4, min_gain=0.0, seed=1), progress=False)
+    texts = {s.text for s in speeches}
+    assert out.summary["candidates"] == 4 and out.summary["kept"] + out.summary["dropped"] == 4
+    for conversation in out.conversations:
+        user, assistant = conversation["messages"]
+        assert assistant["content"] in texts and user["content"] and user["content"] not in texts
+        assert conversation["meta"]["gain"] >= 0.0
+
+
+def test_synth_constitutional_on_the_demo_model(tmp_path, demo_path):
+    out = tmp_path / "cai.jsonl"
+    done = subprocess.run([sys.executable, "-m", "qwen2", "synth", "constitutional", "--model", str(demo_path),
+                           "--dtype", "bfloat16", "--limit", "3", "--max-new-tokens", "160", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "cai.summary.json").read_text())
+    samples = [json.loads(line) for line in (tmp_path / "cai.samples.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "cai.preferences.jsonl").read_text().splitlines()]
+    assert summary["prompts"] == len(samples) == 3 and summary["kept_pairs"] + summary["dropped"] == 3
+    assert len(pairs) == summary["kept_pairs"]
+    for s in samples:
+        assert s["original"] and s["meta"]["critique"] and s["meta"]["principle"] in summary["principles"]
