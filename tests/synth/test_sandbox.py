@@ -271,3 +271,53 @@ def test_bad_arguments_are_named():
         Limits(cpu_seconds=0)
     with pytest.raises(ValueError, match="plain names"):
         Sandbox(FAST).run("pass", files={"../x": ""})
+
+
+UNPRIVILEGED_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from qwen2.synth.sandbox import Limits, Sandbox
+box = Sandbox(Limits(wall_seconds=4, cpu_seconds=2, memory_mb=512))
+programs = {
+    "identity": "import os\\nstatus = open('/proc/self/status').read()\\n"
+                "print(os.getuid(), status.split('CapEff:')[1].split()[0])",
+    "unmount": "import ctypes\\nprint(ctypes.CDLL(None, use_errno=True).umount2(b'/tmp', 2), ctypes.get_errno())",
+    "secret": "print(open(sys_argv_secret).read())",
+    "network": "import socket\\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+    "fork_bomb": "import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass",
+}
+results = {"layers": box.layers}
+for name, program in programs.items():
+    program = program.replace("sys_argv_secret", repr(sys.argv[2]))
+    r = box.run(program)
+    results[name] = [r.verdict, r.stdout, r.stderr[-300:]]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not shutil.which("setpriv"),
+                    reason="needs root to become an unprivileged user, a system python3 and setpriv")
+def test_the_unprivileged_path_contains_attacks_too(tmp_path):
+    """As a normal user (here: nobody) the sandbox uses a user namespace and keeps uid 0 inside it
+    with no capabilities: the same attacks fail."""
+    secret = Path(__file__).parent / f".secret-unprivileged-{os.getpid()}.txt"
+    secret.write_text("unprivileged-secret-token")
+    secret.chmod(0o644)
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "setpriv",
+                               "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                               UNPRIVILEGED_DRIVER, str(repo), str(secret)],
+                              capture_output=True, text=True, timeout=120, cwd="/")
+    finally:
+        secret.unlink()
+    if done.returncode != 0 and "user namespace" in done.stderr.lower():
+        pytest.skip(f"unprivileged user namespaces are disabled here: {done.stderr[-200:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert "namespaces: pid, mount, network, ipc, uts, user" in results["layers"]
+    assert results["identity"][0] == "passed" and results["identity"][1].split() == ["0", "0000000000000000"]
+    assert results["unmount"][1].split()[0] == "-1"  # no CAP_SYS_ADMIN: the masks cannot be lifted
+    assert results["secret"][0] == "failed" and "unprivileged-secret-token" not in "".join(results["secret"])
+    assert results["network"][0] == "failed"
+    assert results["fork_bomb"][0] == "timeout"
