@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,17 +69,17 @@ schedule = "constant"
 weight_decay = 0.0
 save_every = 100000
 log_every = 1
-eval_every = 100000
+eval_every = {eval_every}
 dtype = "float32"
 threads = {threads}
 [dpo]
-beta = 0.1
+beta = {beta}
 [online]
 reward = "maths"
 k = 8
 prompts_per_iteration = 16
 steps_per_iteration = 1
-temperature = 1.0
+temperature = {temperature}
 max_new_tokens = 8
 eval_prompts = "eval_prompts.jsonl"
 {merge_settings}
@@ -146,10 +147,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/online-merging")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sft-steps", type=int, default=1500)
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--reserve-p", type=float, default=0.3)
     parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--merges", default="none,dare,ties", help="comma-separated: none (AdamW), dare, ties")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,14 +167,17 @@ def main() -> None:
     if not (out / "sft" / "model" / "config.json").exists():
         run_sft(load_recipe(out / "sft.toml"), out / "sft", progress=False)
     results = {}
-    for merge in ("none", "dare", "ties"):
+    for merge in args.merges.split(","):
         settings = "" if merge == "none" else (f'merge = "{merge}"\nbase = "base"\nreserve_p = {args.reserve_p}\n'
                                                f"alpha = {args.alpha}")
         recipe_path = out / f"online-{merge}.toml"
-        recipe_path.write_text(ONLINE_RECIPE.format(merge=merge, lr=args.lr, threads=args.threads,
-                                                    merge_settings=settings, iterations=args.iterations),
+        recipe_path.write_text(ONLINE_RECIPE.format(merge=merge, lr=args.lr, threads=args.threads, beta=args.beta,
+                                                    temperature=args.temperature,
+                                                    merge_settings=settings, iterations=args.iterations,
+                                                    eval_every=max(1, args.iterations // 5)),
                                encoding="utf-8")
         run = out / f"online-{merge}"
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time (settings may have changed)
         result = run_online(load_recipe(recipe_path), run, progress=False)
         rewards = {}
         for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
@@ -181,15 +188,15 @@ def main() -> None:
                           "sample_reward": [rewards[i] for i in sorted(rewards)], "seconds": result["seconds"]}
         print(f"{merge}: {json.dumps(results[merge]['after'])}", file=sys.stderr, flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    print("| optimizer | sample reward, first 5 -> last 5 iterations | held-out accuracy before -> after | "
-          "reversal SFT loss before -> after |")
+    print("| optimizer | mean sample reward, first -> last fifth of the iterations | held-out greedy accuracy "
+          "before -> after | reversal SFT loss before -> after (the tax) |")
     print("|---|---|---|---|")
     for merge, r in results.items():
-        first, last = r["sample_reward"][:5], r["sample_reward"][-5:]
+        fifth = max(1, len(r["sample_reward"]) // 5)
+        first, last = r["sample_reward"][:fifth], r["sample_reward"][-fifth:]
         print(f"| {merge} | {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} | "
               f"{r['before']['eval_reward']:.3f} -> {r['after']['eval_reward']:.3f} | "
               f"{r['before']['sft_val_loss']:.4f} -> {r['after']['sft_val_loss']:.4f} |")
-
 
 if __name__ == "__main__":
     main()

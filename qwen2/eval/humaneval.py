@@ -2,11 +2,13 @@
 chat reply, the tests run in isolation, pass@k.
 
 A reply's code is its first fenced block that defines the entry point (else its first block, else
-the whole reply). If it defines the function it is a whole program (the prompt's imports are put
-before it, as a model often leaves them out); otherwise it is the function body, appended to the
-prompt. The program then runs the problem's `check(candidate)` on the function, wrapped so that
-every value it returns must be plain data (builtin numbers, strings, containers of them): an
-object whose `__eq__` always says True is a failure, not a pass.
+the whole reply). If it defines the function it is a whole program, put after the prompt (whose
+imports and helper functions a model often leaves out); otherwise it is the function body,
+appended to the prompt. The program then runs the problem's `check(candidate)` on the function,
+wrapped so that every value it returns must be plain data (builtin numbers, strings, containers
+of them): an object whose `__eq__` always says True is a failure, not a pass. The wrapper binds
+the builtins it uses before the solution runs; a solution written to attack this harness by name
+could still defeat it (the sandbox contains it, the verdict is then wrong).
 """
 
 from __future__ import annotations
@@ -22,30 +24,30 @@ from pathlib import Path
 PROMPT = ("Please provide a self-contained Python script that solves the following problem in a markdown code "
           "block:\n```python\n{prompt}\n```")
 
-# Appended after the problem's tests; refuses results that are not plain data.
-GUARD = '''
-
-def _qwen2_plain(value, depth=0):
-    kind = type(value)
-    if kind in (int, float, complex, str, bytes, bool, type(None)):
+# Put before the solution, so that the builtins the check relies on are bound before the
+# solution could shadow them (a module-level `type = ...` in the solution changes nothing here).
+GUARD = '''\
+def _qwen2_plain(value, depth=0, _type=type, _all=all, _plain_types=(int, float, complex, str, bytes, bool,
+                                                                     type(None))):
+    kind = _type(value)
+    if kind in _plain_types:
         return True
     if depth < 50 and kind in (list, tuple, set, frozenset):
-        return all(_qwen2_plain(v, depth + 1) for v in value)
+        return _all(_qwen2_plain(v, depth + 1) for v in value)
     if depth < 50 and kind is dict:
-        return all(_qwen2_plain(k, depth + 1) and _qwen2_plain(v, depth + 1) for k, v in value.items())
+        return _all(_qwen2_plain(k, depth + 1) and _qwen2_plain(v, depth + 1) for k, v in value.items())
     return False
 
 
-def _qwen2_guarded(function):
+def _qwen2_guarded(function, _plain=_qwen2_plain, _TypeError=TypeError, _type=type):
     def call(*args, **kwargs):
         result = function(*args, **kwargs)
-        if not _qwen2_plain(result):
-            raise TypeError(f"returned {type(result).__name__}, not plain data")
+        if not _plain(result):
+            raise _TypeError(f"returned {_type(result).__name__}, not plain data")
         return result
     return call
 
 
-check(_qwen2_guarded({entry_point}))
 '''
 
 
@@ -116,18 +118,22 @@ def extract_code(reply: str, entry_point: str) -> str:
     return reply
 
 
-def _prompt_imports(prompt: str) -> str:
-    return "".join(line + "\n" for line in prompt.splitlines() if re.match(r"\s*(import|from)\s+\w", line)
-                   and not line.startswith((" ", "\t")))
-
-
 def build_program(problem: CodeProblem, code: str) -> str:
-    """The program the sandbox runs: the solution, the problem's tests, the guarded check call."""
+    """The program the sandbox runs: the guard, the solution, the problem's tests, the guarded
+    check call. A whole-program solution comes after the whole prompt (its imports and helper
+    functions, e.g. HumanEval/38's encode_cyclic; the prompt's own stub of the entry point is
+    redefined by the solution)."""
     if re.search(rf"def\s+{re.escape(problem.entry_point)}\s*\(", code):
-        solution = _prompt_imports(problem.prompt) + code
+        solution = problem.prompt + "\n    pass\n\n" + code if _ends_in_stub(problem.prompt) else problem.prompt + "\n" + code
     else:
         solution = problem.prompt + code  # a completion of the prompt's function body
-    return solution + "\n\n" + problem.test + GUARD.replace("{entry_point}", problem.entry_point)
+    return (GUARD + solution + "\n\n" + problem.test + f"\n\ncheck(_qwen2_guarded({problem.entry_point}))\n")
+
+
+def _ends_in_stub(prompt: str) -> bool:
+    """Whether the prompt ends in a `def` whose body is still to come (no docstring either)."""
+    lines = [line for line in prompt.rstrip().splitlines() if line.strip()]
+    return bool(lines) and lines[-1].rstrip().endswith(":") and lines[-1].lstrip().startswith("def ")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -238,6 +238,8 @@ def extract_answer(response: str) -> str | None:
 
 
 def _strip_latex(text: str) -> str:
+    number = r"\s*(-?\d+(?:\.\d+)?)\s*"
+    text = re.sub(r"\\[dt]?frac\s*\{" + number + r"\}\s*\{" + number + r"\}", r"\1/\2", text)  # plain numbers
     text = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", text)
     text = re.sub(r"\\[dt]?frac\s*(\d)\s*(\d)", r"\1/\2", text)  # \frac34
     text = re.sub(r"\\text\s*\{([^{}]*)\}|\\mathrm\s*\{([^{}]*)\}", lambda m: m.group(1) or m.group(2) or "", text)
@@ -255,7 +257,7 @@ def parse_number(text: str | None) -> Fraction | None:
     text = _strip_latex(text).strip().rstrip(".")
     text = re.sub(r"^[a-zA-Z]\s*=\s*", "", text)  # "x = 5"
     text = text.replace("(", "").replace(")", "") if re.fullmatch(r"[\s()\d/.,-]+", text) else text
-    text = re.sub(r"^[^\d.-]+", "", text)  # "USD 5", "about 5"
+    text = re.sub(r"^(?:[$\u20ac\u00a3\u00a5]\s*|[A-Za-z]+\s+)*", "", text)  # "$5", "USD 5", "about 5"
     mixed = re.match(r"^(-?\d+)\s+(\d+)\s*/\s*(\d+)", text)
     if mixed:
         whole, num, den = (int(g) for g in mixed.groups())
@@ -265,7 +267,7 @@ def parse_number(text: str | None) -> Fraction | None:
     match = re.match(r"^(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)(?:\s*/\s*(-?\d+(?:\.\d+)?))?", text)
     if not match:
         return None
-    head = match.group(1)
+    head = match.group(1).rstrip(",")  # "42, since ..." is 42
     if "," in head:
         groups = head.lstrip("-").split(".")[0].split(",")
         if not all(len(g) == 3 for g in groups[1:]) or not groups[0] or len(groups[0]) > 3:

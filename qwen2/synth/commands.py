@@ -231,6 +231,7 @@ def cmd_eval_humaneval(args: argparse.Namespace, load: Callable) -> int:
         raise ValueError(f"--limit must be at least 1 (got {args.limit})")
     problems = load_code_problems(args.problems)[:args.limit]
     sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
+    sandbox.layers  # noqa: B018 -- fail before loading the model if the sandbox cannot run here
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     pretrained = load(args)
     started = time.perf_counter()

@@ -81,14 +81,19 @@ def play_speeches(play: str, text: str) -> list[Speech]:
     previous = None
     for block in re.split(r"\n\s*\n", text):
         rows = [r.rstrip() for r in block.strip("\n").splitlines()]
+        if not rows or all(r.strip().startswith("[") for r in rows):
+            continue  # a stage direction between speeches: the exchange goes on
         if len(rows) < 2 or not (m := _SPEAKER.match(rows[0].strip())):
+            previous = None  # a scene heading or other text: the next speech has no cue
             continue
         body = [r.strip() for r in rows[1:] if r.strip() and not r.strip().startswith("[")]
         if not body:
             continue
-        speech = Speech(play, title, m.group(1).title(), "\n".join(body), previous)
+        speaker = m.group(1).title()
+        cue = previous if previous is not None and previous.speaker != speaker else None
+        speech = Speech(play, title, speaker, "\n".join(body), cue)
         speeches.append(speech)
-        previous = Speech(play, title, speech.speaker, speech.text)  # the cue of the next speech (no chain)
+        previous = Speech(play, title, speaker, speech.text)  # the cue of the next speech (no chain)
     return speeches
 
 

@@ -118,7 +118,8 @@ class _Stream:
 class Sandbox:
     """Runs programs under `limits`. Reuse one: the probe of what the machine allows runs once."""
 
-    def __init__(self, limits: Limits = Limits(), *, site_packages: bool = False) -> None:
+    def __init__(self, limits: Limits = Limits(), *, site_packages: bool = False,
+                 allow_without_landlock: bool = False) -> None:
         if not sys.platform.startswith("linux"):
             raise SandboxError("the sandbox needs Linux namespaces; this is " + sys.platform)
         self.unshare = shutil.which("unshare") or ("/usr/bin/unshare" if os.path.exists("/usr/bin/unshare") else None)
@@ -126,6 +127,7 @@ class Sandbox:
             raise SandboxError("the sandbox needs `unshare` (util-linux), which is not installed")
         self.limits = limits
         self.site_packages = site_packages
+        self.allow_without_landlock = allow_without_landlock
         self.root = os.geteuid() == 0
         self._layers: list[str] | None = None
 
@@ -138,6 +140,12 @@ class Sandbox:
             result, report = self._run("import sys\n", {}, self.limits)
             if not result.passed:
                 raise SandboxError(f"the sandbox does not start on this machine: {result.detail}\n{result.stderr}")
+            if not self.root and not report.get("landlock_abi") and not self.allow_without_landlock:
+                # without root there is no spare uid: the program runs as you, and only Landlock
+                # keeps it from your files
+                raise SandboxError("this kernel has no Landlock, and without root the sandboxed program would run "
+                                   "as your own user with write access to your files; run as root, enable Landlock "
+                                   "(Linux >= 5.13, lsm=landlock), or pass allow_without_landlock=True to accept that")
             self._layers = self._describe(report)
         return self._layers
 
@@ -153,6 +161,8 @@ class Sandbox:
     def _describe(self, report: dict) -> list[str]:
         layers = ["namespaces: pid, mount, network, ipc, uts" + ("" if self.root else ", user"),
                   "rlimits: cpu, address space, file size, open files, processes, no core",
+                  "cgroup: memory and processes of the whole sandbox" if report.get("cgroup") else
+                  "cgroup: none (memory is limited per process only)",
                   "working directory: tmpfs on /tmp (host /tmp, /dev/shm hidden)",
                   "wall-clock watchdog, output caps, completion token"]
         layers.append("identity: spare uid, no capabilities" if self.root else "identity: no capabilities")
@@ -161,10 +171,12 @@ class Sandbox:
             parts = ["files"] + (["tcp"] if abi >= 4 else []) + (["signals, abstract sockets"] if abi >= 6 else [])
             layers.append(f"landlock ABI {abi}: " + ", ".join(parts))
         else:
-            layers.append("landlock: not available (files are protected by the uid and mount masks only)")
+            layers.append("landlock: not available (files are protected by the spare uid and mount masks only)"
+                          if self.root else "landlock: not available (NOT protecting your files: allowed explicitly)")
         return layers
 
-    def _job(self, files: dict[str, str], limits: Limits, token: str, report_fd: int) -> dict:
+    def _job(self, files: dict[str, str], limits: Limits, token: str, report_fd: int,
+             cgroup: "_Cgroup | None") -> dict:
         python = sys.executable
         prefixes = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                          sys.base_exec_prefix)})
@@ -172,36 +184,72 @@ class Sandbox:
                                "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
                                "/dev/urandom", "/dev/random", "/dev/zero", "/proc"]
         uid = _spare_uid() if self.root else None
-        processes = limits.processes if self.root else limits.processes + _processes_of(os.getuid())
+        # (without root, RLIMIT_NPROC counts in the new user namespace: only the sandbox's processes)
+        processes = limits.processes
         argv = [python, "-I"] + ([] if self.site_packages else ["-S"]) + ["-X", "utf8", "runner.py"]
         return {"files": {**files, "runner.py": RUNNER}, "argv": argv, "token": token, "report_fd": report_fd,
                 "uid": uid, "readable": readable, "readable_dirs": prefixes, "landlock": True,
+                "cgroup_procs": cgroup.procs_files if cgroup else [],
                 "env": {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"},
                 "limits": {"cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_mb << 20,
                            "file_bytes": limits.file_mb << 20, "tmp_bytes": limits.tmp_mb << 20,
                            "open_files": limits.open_files, "processes": processes}}
 
     def _run(self, program: str, files: dict[str, str], limits: Limits) -> tuple[Result, dict]:
-        for name in files:
-            if "/" in name or name in ("", ".", "..", "runner.py", "program.py"):
+        for name, text in files.items():
+            if not isinstance(name, str) or "/" in name or name in ("", ".", "..", "runner.py", "program.py"):
                 raise ValueError(f"sandbox file name {name!r}: plain names only, not runner.py or program.py")
+            if not isinstance(text, str):
+                raise ValueError(f"sandbox file {name!r}: the content must be text, not {type(text).__name__}")
+        if not isinstance(program, str):
+            raise ValueError(f"the program must be Python source text, not {type(program).__name__}")
         token = secrets.token_hex(16)
+        cgroup = _Cgroup.create(limits) if self.root else None
         report_r, report_w = os.pipe()
-        job = self._job({**files, "program.py": program}, limits, token, report_w)
-        command = [self.unshare, "--fork", "--kill-child", "--pid", "--mount-proc", "--mount", "--net", "--ipc",
-                   "--uts"] + ([] if self.root else ["--user", "--map-root-user"])
-        command += [sys.executable, "-I", "-S", str(INIT)]
-        started = time.monotonic()
+        proc = None
         try:
-            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(report_w,), env={}, start_new_session=True)
+            job = json.dumps(self._job({**files, "program.py": program}, limits, token, report_w, cgroup)).encode()
+            command = [self.unshare, "--fork", "--kill-child", "--pid", "--mount-proc", "--mount", "--net", "--ipc",
+                       "--uts"] + ([] if self.root else ["--user", "--map-root-user"])
+            command += [sys.executable, "-I", "-S", str(INIT)]
+            started = time.monotonic()
+            try:
+                proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        pass_fds=(report_w,), env={}, start_new_session=True)
+            finally:
+                os.close(report_w)
+            streams, timed_out = self._collect(proc, job, report_r, limits, started)
+            seconds = time.monotonic() - started
         finally:
-            os.close(report_w)
+            if proc is not None:
+                _kill(proc)  # nothing may outlive the run, whatever happened
+                proc.wait()
+                for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                    pipe.close()
+            os.close(report_r)
+            oom = cgroup.oom_killed() if cgroup else False
+            if cgroup:
+                cgroup.remove()
+        stdout, stderr, report_stream = streams
+        report = _parse_report(report_stream.text())
+        if "setup_error" in report:
+            raise SandboxError(f"the sandbox could not be set up: {report['setup_error']}")
+        result = Result("failed", stdout.text(), stderr.text(), exit_code=report.get("exit"),
+                        signal=report.get("signal"), seconds=seconds, cpu_seconds=report.get("cpu_seconds"),
+                        truncated=bool(stdout.dropped or stderr.dropped))
+        result.verdict, result.detail = _verdict(result, report, timed_out, limits, oom)
+        return result, report
+
+    @staticmethod
+    def _collect(proc: subprocess.Popen, job: bytes, report_r: int, limits: Limits,
+                 started: float) -> tuple[list[_Stream], bool]:
+        """Feed the job, read stdout / stderr (capped) and the report until all close or the
+        wall clock runs out (then kill, and drain for at most 5 s more)."""
         streams = {proc.stdout.fileno(): _Stream(limits.output_bytes), proc.stderr.fileno(): _Stream(limits.output_bytes),
                    report_r: _Stream(1 << 16)}
         timed_out = False
         try:
-            proc.stdin.write(json.dumps(job).encode())
+            proc.stdin.write(job)
             proc.stdin.close()
         except BrokenPipeError:
             pass  # the init process died at once; its stderr says why
@@ -224,24 +272,81 @@ class Sandbox:
                         streams[key.fd].add(chunk)
                     else:
                         selector.unregister(key.fd)
-        _kill(proc)  # no-op when it has ended; otherwise nothing may outlive the run
-        proc.wait()
-        os.close(report_r)
-        proc.stdout.close()
-        proc.stderr.close()
-        seconds = time.monotonic() - started
-        stdout, stderr, report_stream = list(streams.values())
-        report = _parse_report(report_stream.text())
-        if "setup_error" in report:
-            raise SandboxError(f"the sandbox could not be set up: {report['setup_error']}")
-        result = Result("failed", stdout.text(), stderr.text(), exit_code=report.get("exit"),
-                        signal=report.get("signal"), seconds=seconds, cpu_seconds=report.get("cpu_seconds"),
-                        truncated=bool(stdout.dropped or stderr.dropped))
-        result.verdict, result.detail = _verdict(result, report, timed_out, limits)
-        return result, report
+        return list(streams.values()), timed_out
 
 
-def _verdict(result: Result, report: dict, timed_out: bool, limits: Limits) -> tuple[str, str]:
+class _Cgroup:
+    """A memory + pids cgroup for one run (as root; cgroup v2, or the v1 memory and pids
+    controllers), so that the limits hold for all the sandbox's processes together: rlimits are
+    per process, and 32 processes of 1 GB each would otherwise be 32 GB."""
+
+    def __init__(self, directories: list[Path], procs_files: list[str], version: int) -> None:
+        self.directories, self.procs_files, self.version = directories, procs_files, version
+
+    @classmethod
+    def create(cls, limits: Limits) -> "_Cgroup | None":
+        name = f"qwen2-sandbox-{os.getpid()}-{secrets.token_hex(4)}"
+        root = Path("/sys/fs/cgroup")
+        memory = str(limits.memory_mb << 20)
+        made: list[Path] = []
+        try:
+            if (root / "cgroup.controllers").is_file():  # v2
+                if not {"memory", "pids"} <= set((root / "cgroup.subtree_control").read_text().split()):
+                    return None
+                group = root / name
+                group.mkdir()
+                made.append(group)
+                (group / "memory.max").write_text(memory)
+                if (group / "memory.swap.max").exists():
+                    (group / "memory.swap.max").write_text("0")
+                (group / "pids.max").write_text(str(limits.processes))
+                return cls(made, [str(group / "cgroup.procs")], 2)
+            if (root / "memory").is_dir() and (root / "pids").is_dir():  # v1
+                for controller in ("memory", "pids"):
+                    group = root / controller / name
+                    group.mkdir()
+                    made.append(group)
+                (made[0] / "memory.limit_in_bytes").write_text(memory)
+                (made[1] / "pids.max").write_text(str(limits.processes))
+                return cls(made, [str(g / "cgroup.procs") for g in made], 1)
+        except OSError:
+            for group in reversed(made):
+                try:
+                    group.rmdir()
+                except OSError:
+                    pass
+        return None
+
+    def oom_killed(self) -> bool:
+        try:
+            events = (self.directories[0] / ("memory.events" if self.version == 2 else "memory.oom_control")).read_text()
+        except OSError:
+            return False
+        return any(line.split()[0] == "oom_kill" and int(line.split()[1]) > 0 for line in events.splitlines()
+                   if len(line.split()) == 2)
+
+    def remove(self) -> None:
+        for group in self.directories:
+            for _ in range(200):  # the kernel frees the group once its last (killed) process is reaped
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals have no name
+        return f"signal {number}"
+
+
+def _verdict(result: Result, report: dict, timed_out: bool, limits: Limits, oom: bool = False) -> tuple[str, str]:
+    if oom and not (result.exit_code == 0 and report.get("completed")):
+        return "memory", f"its processes together ran out of {limits.memory_mb} MB (out-of-memory kill)"
     if timed_out:
         return "timeout", f"still running after {limits.wall_seconds:g} s (wall clock); killed"
     if not report:
@@ -250,9 +355,9 @@ def _verdict(result: Result, report: dict, timed_out: bool, limits: Limits) -> t
     if sig in (signal.SIGXCPU,) or (sig == signal.SIGKILL and (report.get("cpu_seconds") or 0) >= limits.cpu_seconds):
         return "timeout", f"used its {limits.cpu_seconds} s of CPU time"
     if sig in CRASH_SIGNALS:
-        return "crashed", f"died of {signal.Signals(sig).name}"
+        return "crashed", f"died of {_signal_name(sig)}"
     if sig is not None:
-        return "killed", f"killed by {signal.Signals(sig).name}"
+        return "killed", f"killed by {_signal_name(sig)}"
     if result.exit_code == 0:
         if report.get("completed"):
             return "passed", "ran to the end and exited 0"

@@ -41,6 +41,9 @@ NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
 
 
+IGNORED_IN_INIT = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE)
+
+
 def check(result: int, what: str) -> None:
     if result < 0:
         err = ctypes.get_errno()
@@ -121,6 +124,8 @@ def drop_capabilities() -> None:
 def run_child(job: dict, token_r: int, verdict_w: int) -> None:
     """In the forked child: limits, identity, Landlock, then exec. Never returns."""
     try:
+        for number in IGNORED_IN_INIT:  # ignored dispositions survive exec: give the program the defaults
+            signal.signal(number, signal.SIG_DFL)
         os.setsid()
         # the only descriptors the program gets: 0-2, the token (3), the verdict (4); moved out of
         # the way first, since either may already sit on 3 or 4
@@ -153,17 +158,22 @@ def run_child(job: dict, token_r: int, verdict_w: int) -> None:
 
 
 def main() -> None:
+    # PID 1 of the namespace: signals from the program (same uid without root) must not stop it
+    for number in IGNORED_IN_INIT:
+        signal.signal(number, signal.SIG_IGN)
     job = json.loads(sys.stdin.read())
     report_fd = job["report_fd"]
     try:
         report = supervise(job)
-    except OSError as e:
-        report = {"setup_error": str(e)}
+    except BaseException as e:  # noqa: BLE001 -- whatever stops the set-up is reported, never lost
+        report = {"setup_error": f"{type(e).__name__}: {e}"}
     os.write(report_fd, (json.dumps(report) + "\n").encode())
 
 
 def supervise(job: dict) -> dict:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for procs in job["cgroup_procs"]:  # "0": this process; the child and all it starts follow
+        with open(procs, "w") as f:
+            f.write("0")
     mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     uid = job["uid"]
     options = f"size={job['limits']['tmp_bytes']},mode=1777,nr_inodes=4096"
@@ -204,6 +214,7 @@ def supervise(job: dict) -> dict:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     abi = max(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1), 0) if job["landlock"] else 0
     report = {"cpu_seconds": usage.ru_utime + usage.ru_stime, "max_rss_kb": usage.ru_maxrss, "landlock_abi": abi,
+              "cgroup": bool(job["cgroup_procs"]),
               "completed": bool(job["token"]) and verdict == job["token"]}
     if status is not None and os.WIFSIGNALED(status):
         report["signal"] = os.WTERMSIG(status)

@@ -15,7 +15,9 @@ moves along the reward gradient and back toward SFT's direction:
             entry keeps only the vectors whose sign agrees with the sign of their sum (the elected
             sign), then theta += alpha * tau_ref' + (1 - alpha) * delta'.
 
-then decoupled weight decay. With p = 1 and alpha = 0 both are exactly AdamW (tested). The
+then decoupled weight decay. With p = 1 and alpha = 0 OnDARE is exactly AdamW (tested); OnTIES
+then still drops the entries of delta whose sign loses the election against tau_ref (with
+tau_ref = 0 it too is AdamW, tested). The
 reference implementation adds the Adam bias corrections into the step size and epsilon to the
 uncorrected root; this one computes the update as torch.optim.AdamW does.
 """

@@ -41,13 +41,22 @@ from qwen2.train.sft import check_messages, read_jsonl
 Reward = Callable[[list[dict], str, str], float]  # (prompt record, reply, finish reason) -> reward
 
 
-def load_prompts(path: Path, *, need_answer: bool) -> list[dict]:
-    """Prompt records {"messages": [...], "answer"?: ...} (the messages end with a user turn)."""
+def load_prompts(path: Path, *, need_answer: bool, tokenizer=None, max_len: int | None = None) -> list[dict]:
+    """Prompt records {"messages": [...], "answer"?: ...} (the messages end with a user turn).
+    With a tokenizer and max_len, a prompt that leaves no room for a reply is an error here,
+    not hours later when an iteration first samples it."""
+    from qwen2.tokenizer import encode_chat
+
     records = []
     for where, obj in read_jsonl(path):
         messages = check_messages(obj.get("messages"), where)
         if messages[-1]["role"] != "user":
             raise DataError(f"{where}: a prompt's messages must end with a user turn")
+        if tokenizer is not None and max_len is not None:
+            length = len(encode_chat(tokenizer, messages, add_generation_prompt=True))
+            if length >= max_len - 1:
+                raise DataError(f"{where}: the prompt has {length} tokens, leaving no room for a reply within "
+                                f"[train] seq_len = {max_len}")
         if need_answer:
             try:
                 Fraction(str(obj.get("answer")))
@@ -144,7 +153,11 @@ class OnlineDPOTask:
                                   record["where"], self.recipe.train.seq_len) for j in (best, worst)]
             pairs.append(Pair(len(pairs), sides[0], sides[1]))
         self.pairs = pairs
-        self.ref = self.reference(pairs) if pairs else None
+        if pairs:  # 8 pairs per forward, as offline DPO: the logits of a whole iteration would not fit
+            parts = [self.reference(pairs[i:i + 8]) for i in range(0, len(pairs), 8)]
+            self.ref = (torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts]))
+        else:
+            self.ref = None
         self.order = EpochOrder(max(len(pairs), 1), self._iteration_seed(iteration))
         self.stats = {"iteration": iteration, "sample_reward": sum(rewards_all) / len(rewards_all),
                       "pairs": len(pairs)}
@@ -230,9 +243,11 @@ def run_online(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_a
     pretrained, trainable = load_for_finetuning(recipe)
     tokenizer, model = pretrained.tokenizer, pretrained.model
     pad = pad_id(tokenizer)
-    prompts = load_prompts(recipe.resolve(recipe.data.prompts, out), need_answer=o.reward == "maths")
-    eval_prompts = load_prompts(recipe.resolve(o.eval_prompts, out), need_answer=o.reward == "maths") \
-        if o.eval_prompts else []
+    seq_len = recipe.train.seq_len
+    prompts = load_prompts(recipe.resolve(recipe.data.prompts, out), need_answer=o.reward == "maths",
+                           tokenizer=tokenizer, max_len=seq_len)
+    eval_prompts = load_prompts(recipe.resolve(o.eval_prompts, out), need_answer=o.reward == "maths",
+                                tokenizer=tokenizer, max_len=seq_len) if o.eval_prompts else []
     score = maths_reward() if o.reward == "maths" else model_reward(recipe.resolve(o.reward_model, out), tokenizer,
                                                                     torch.float32)
     val_rows = []

@@ -33,6 +33,9 @@ def test_all_164_canonical_solutions_pass(problems, sandbox):
     ("    class Liar:\n        def __eq__(self, other):\n            return True\n    return Liar()\n", "failed"),
     ("    class Liar(int):\n        def __eq__(self, other):\n            return True\n    return Liar(0)\n", "failed"),
     ("    print('PASSED')\n    raise SystemExit(0)\n", "failed"),
+    # shadowing the builtins the guard uses does not help: it bound them before the solution ran
+    ("    global type, all\n    class Liar:\n        def __eq__(self, other):\n            return True\n"
+     "    type = lambda value: int\n    all = lambda values: True\n    return Liar()\n", "failed"),
 ])
 def test_wrong_and_forged_solutions_fail(problems, sandbox, body, verdict):
     result = run_solution(sandbox, problems["HumanEval/0"], body)
@@ -48,8 +51,8 @@ def test_code_is_read_from_a_chat_reply(problems):
     assert extract_code("```python\nunterminated = 1\n", p.entry_point) == "unterminated = 1\n"
     assert extract_code("    return 1\n", p.entry_point) == "    return 1\n"
     program = build_program(p, whole)
-    assert program.startswith("from typing import List\n") and "check(_qwen2_guarded(has_close_elements))" in program
-    assert build_program(p, "    return True\n").startswith(p.prompt)
+    assert p.prompt in program and program.rstrip().endswith("check(_qwen2_guarded(has_close_elements))")
+    assert p.prompt + "    return True\n" in build_program(p, "    return True\n")
 
 
 def test_a_whole_function_reply_passes_and_a_wrong_one_fails(problems, sandbox):
@@ -65,3 +68,10 @@ def test_pass_at_k():
     assert pass_at_k(10, 0, 1) == 0 and pass_at_k(10, 10, 1) == 1
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
+
+
+def test_a_whole_program_solution_keeps_the_prompts_helpers(problems, sandbox):
+    p = problems["HumanEval/38"]  # its tests call encode_cyclic, defined only in the prompt
+    reply = ("```python\ndef decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n```")
+    result = run_solution(sandbox, p, extract_code(reply, p.entry_point))
+    assert result.passed, result

@@ -92,12 +92,15 @@ def test_the_final_answer_is_read_like_maths_evaluations_do(reply, expected):
     ("3/4", Fraction(3, 4)), ("0.75", Fraction(3, 4)), ("x = 5", Fraction(5)), ("1 1/2", Fraction(3, 2)),
     ("-2 1/2", Fraction(-5, 2)), ("12 km", Fraction(12)), ("\\$5", Fraction(5)), ("25\\%", Fraction(25)),
     ("\\text{15 pages}", Fraction(15)), ("5.", Fraction(5)), ("\u22123", Fraction(-3)), (".5", Fraction(1, 2)),
+    ("\\frac{9}{2}\\text{ cups}", Fraction(9, 2)), ("42, since 6 x 7 = 42", Fraction(42)), ("about 5", Fraction(5)),
+    ("USD 12", Fraction(12)), ("\\dfrac{ 3 }{ 4 }", Fraction(3, 4)),
 ])
 def test_equivalent_answers_parse_to_the_same_number(text, value):
     assert parse_number(text) == value
 
 
-@pytest.mark.parametrize("text", ["1,2", "5 6", "1/0", "seven", "", None, "x", "12,34,5"])
+@pytest.mark.parametrize("text", ["1,2", "5 6", "1/0", "seven", "", None, "x", "12,34,5", "\\frac{x+1}{2}",
+                                  "x + 1", "(x+1)/2"])
 def test_non_answers_parse_to_nothing(text):
     assert parse_number(text) is None
 

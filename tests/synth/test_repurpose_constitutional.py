@@ -65,6 +65,10 @@ def test_speeches_are_parsed_with_their_cues():
     assert speeches[1].text.count("\n") == 2 and "[Aside" not in speeches[1].text  # the stage direction is gone
     assert speeches[1].cue.speaker == "Alpha" and speeches[1].cue.text == speeches[0].text
     assert speeches[0].cue is None
+    later = play_speeches("t", PLAY + "\nSCENE II. Another room.\n\nBETA.\nA new scene, a new start.\n\n"
+                                      "BETA.\nAnd I go on speaking.\n")
+    assert later[-2].cue is None  # a scene heading ends the exchange
+    assert later[-1].cue is None  # a speaker does not cue themselves
 
 
 @pytest.mark.parametrize("instruction,problems", [

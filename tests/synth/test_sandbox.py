@@ -321,3 +321,23 @@ def test_the_unprivileged_path_contains_attacks_too(tmp_path):
     assert results["secret"][0] == "failed" and "unprivileged-secret-token" not in "".join(results["secret"])
     assert results["network"][0] == "failed"
     assert results["fork_bomb"][0] == "timeout"
+
+
+def test_memory_spread_over_processes_is_limited_in_total():
+    if not any("cgroup: memory" in layer for layer in Sandbox(FAST).layers):
+        pytest.skip("no cgroup here (not root, or no memory / pids controllers): memory is limited per process only")
+    result, _ = contained("""
+        import os, time
+        for _ in range(3):
+            os.fork()  # 8 processes, each well under the per-process limit
+        block = bytearray(200 << 20)
+        time.sleep(1)
+    """)
+    assert result.verdict == "memory", result
+    leftovers = [p for c in ("memory", "pids", "") for p in Path("/sys/fs/cgroup", c).glob("qwen2-sandbox-*")]
+    assert leftovers == []
+
+
+def test_any_signal_is_a_verdict_not_an_exception():
+    result, _ = contained("import os\nos.kill(os.getpid(), 40)")  # a real-time signal has no name
+    assert result.verdict == "killed" and "signal 40" in result.detail

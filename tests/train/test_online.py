@@ -118,6 +118,15 @@ def test_a_resumed_run_samples_and_trains_exactly_as_an_uninterrupted_one(run_di
     assert lines(run_dir / "cut") == lines(run_dir / "whole")
 
 
+def test_a_prompt_without_room_for_a_reply_is_named_at_load(run_dir):
+    from qwen2.data.readers import DataError
+
+    (run_dir / "prompts.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 200}],
+                                                       "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match="prompts.jsonl:1.*no room for a reply"):
+        online.run_online(write_recipe(run_dir, steps=2), run_dir / "long", progress=False)
+
+
 def test_bad_online_recipes_are_named(run_dir):
     with pytest.raises(RecipeError, match="base"):
         write_recipe(run_dir, merge='merge = "dare"')
