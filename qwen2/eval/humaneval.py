@@ -2,7 +2,8 @@
 chat reply, the tests run in isolation, pass@k.
 
 A reply's code is its first fenced block that defines the entry point (else its first block, else
-the whole reply). If it defines the function it is a whole program, put after the prompt (whose
+the whole reply). If it defines the function it is a whole program: sanitised as EvalPlus does
+(its example usage, prints and asserts at the top level dropped) and put after the prompt (whose
 imports and helper functions a model often leaves out); otherwise it is the function body,
 appended to the prompt. The program then runs the problem's `check(candidate)` on the function,
 wrapped so that every value it returns must be plain data (builtin numbers, strings, containers
@@ -13,6 +14,7 @@ could still defeat it (the sandbox contains it, the verdict is then wrong).
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib.util
 import json
@@ -118,12 +120,33 @@ def extract_code(reply: str, entry_point: str) -> str:
     return reply
 
 
+def sanitize(code: str) -> str:
+    """A whole-program reply without its example usage: only imports, functions, classes and
+    assignments that call nothing, at the top level (EvalPlus's sanitizer does the same); a tail
+    that does not parse (an example cut short) is dropped first. Code that never parses is
+    returned as it is, to fail honestly."""
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        source = "\n".join(lines[:end])
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        kept = [node for node in tree.body
+                if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                or (isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None
+                    and not any(isinstance(n, ast.Call) for n in ast.walk(node.value)))]
+        return "\n\n".join(ast.get_source_segment(source, node) for node in kept) + "\n"
+    return code
+
+
 def build_program(problem: CodeProblem, code: str) -> str:
     """The program the sandbox runs: the guard, the solution, the problem's tests, the guarded
     check call. A whole-program solution comes after the whole prompt (its imports and helper
     functions, e.g. HumanEval/38's encode_cyclic; the prompt's own stub of the entry point is
     redefined by the solution)."""
     if re.search(rf"def\s+{re.escape(problem.entry_point)}\s*\(", code):
+        code = sanitize(code)
         solution = problem.prompt + "\n    pass\n\n" + code if _ends_in_stub(problem.prompt) else problem.prompt + "\n" + code
     else:
         solution = problem.prompt + code  # a completion of the prompt's function body

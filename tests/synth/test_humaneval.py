@@ -75,3 +75,18 @@ def test_a_whole_program_solution_keeps_the_prompts_helpers(problems, sandbox):
     reply = ("```python\ndef decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n```")
     result = run_solution(sandbox, p, extract_code(reply, p.entry_point))
     assert result.passed, result
+
+
+def test_example_usage_after_a_solution_is_dropped(problems, sandbox):
+    from qwen2.eval.humaneval import sanitize
+
+    code = ("import math\n\nLIMIT = 10\n\ndef helper(x):\n    return x\n\nclass K:\n    pass\n\n"
+            "print(helper(1))\nresult = helper(2)\nassert helper(3) == 4\n"
+            "if __name__ == '__main__':\n    print('demo')\nprint(broken(\n")
+    assert sanitize(code) == "import math\n\nLIMIT = 10\n\ndef helper(x):\n    return x\n\nclass K:\n    pass\n"
+    assert sanitize("def (:\n") == "def (:\n"  # never parses: left to fail
+    p = problems["HumanEval/0"]
+    reply = ("```python\ndef has_close_elements(numbers, threshold):\n    return any(abs(a - b) < threshold "
+             "for i, a in enumerate(numbers) for b in numbers[i + 1:])\n\n"
+             "assert has_close_elements([1.0, 2.0], 0.5) is True  # a wrong example of the model's own\n```")
+    assert run_solution(sandbox, p, extract_code(reply, p.entry_point)).passed
