@@ -24,7 +24,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.syscall.restype = ctypes.c_long
 
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_SECUREBITS, PR_CAPBSET_DROP, PR_CAP_AMBIENT = 38, 28, 24, 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 # capabilities(7): NOROOT, NO_SETUID_FIXUP, KEEP_CAPS off, NO_CAP_AMBIENT_RAISE, each locked
@@ -177,7 +177,17 @@ def supervise(job: dict) -> dict:
     mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     uid = job["uid"]
     options = f"size={job['limits']['tmp_bytes']},mode=1777,nr_inodes=4096"
+    # an interpreter (a venv, a checkout) under /tmp must stay reachable once /tmp is replaced:
+    # hold it by descriptor, then bind it back read-only at the same path inside the new /tmp
+    under_tmp = sorted(p for p in job["readable_dirs"] if p.startswith("/tmp/"))
+    under_tmp = [p for p in under_tmp if not any(p.startswith(q + "/") for q in under_tmp)]
+    held = [(p, os.open(p, os.O_PATH)) for p in under_tmp]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options)  # the working directory; host /tmp hidden
+    for path, fd in held:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        mount("none", path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)  # Landlock lets /tmp be written
+        os.close(fd)
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
     for name, text in job["files"].items():

@@ -341,3 +341,25 @@ def test_memory_spread_over_processes_is_limited_in_total():
 def test_any_signal_is_a_verdict_not_an_exception():
     result, _ = contained("import os\nos.kill(os.getpid(), 40)")  # a real-time signal has no name
     assert result.verdict == "killed" and "signal 40" in result.detail
+
+
+def test_an_interpreter_under_tmp_stays_reachable_and_read_only(tmp_path):
+    """A venv (or a checkout) under /tmp must survive the sandbox's own tmpfs on /tmp."""
+    import venv
+
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=False, symlinks=True)
+    repo = Path(__file__).resolve().parents[2]
+    driver = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom qwen2.synth.sandbox import Limits, Sandbox\n"
+              "box = Sandbox(Limits(wall_seconds=5, cpu_seconds=3))\n"
+              "ok = box.run('print(6 * 7)')\n"
+              "write = box.run(f'open({sys.argv[2]!r} + \"/planted\", \"w\")')\n"
+              "print(json.dumps([ok.verdict, ok.stdout, write.verdict, write.stderr[-200:]]))\n")
+    done = subprocess.run([shutil.which("unshare") or "/usr/bin/unshare", "--pid", "--fork", "--mount-proc",
+                           "--kill-child", str(env / "bin" / "python"), "-c", driver, str(repo), str(env)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ok, out, write, err = json.loads(done.stdout.splitlines()[-1])
+    assert (ok, out) == ("passed", "42\n")
+    assert write == "failed" and ("Read-only" in err or "Permission denied" in err), err
+    assert not (env / "planted").exists()
