@@ -63,6 +63,7 @@ def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
                    help="nats per passage token a written instruction must add over a generic request")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--temperature", type=float, default=0.7)
+    _add_decontaminate(r)
     r.set_defaults(func=lambda args: cmd_synth_repurpose(args, load))
 
     k = ssub.add_parser("constitutional", help="answer, critique against a principle, revise; revised > original")
@@ -77,6 +78,7 @@ def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--temperature", type=float, default=0.7)
     k.add_argument("--max-new-tokens", type=int, default=384)
+    _add_decontaminate(k)
     k.set_defaults(func=lambda args: cmd_synth_constitutional(args, load))
 
     s = ssub.add_parser("sandbox", help="show the sandbox's isolation layers here, or run a Python file in it")
@@ -110,6 +112,16 @@ def add_eval_maths_parser(esub, add_model_args: Callable, load: Callable) -> Non
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--out", default=None, help="JSON file for the scores and per-problem records")
     h.set_defaults(func=lambda args: cmd_eval_humaneval(args, load))
+
+
+def _sources(text: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in text.split(",") if d.strip())
+
+
+def _add_decontaminate(p) -> None:
+    p.add_argument("--decontaminate", default="humaneval",
+                   help="comma-separated evaluation sets to drop outputs that contain (humaneval, humaneval:test, "
+                        "or JSONL files in HumanEval's format); '' for none")
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -148,7 +160,7 @@ def cmd_synth_code(args: argparse.Namespace, load: Callable) -> int:
     spec = CodeSynthesis(problems=args.problems, k=args.k, tests_per_problem=args.tests_per_problem,
                          temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                          seed=args.seed, timeout=args.timeout,
-                         decontaminate=tuple(d.strip() for d in args.decontaminate.split(",") if d.strip()))
+                         decontaminate=_sources(args.decontaminate))
     sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
     sandbox.layers  # noqa: B018 -- fail before loading the model if the sandbox cannot run here
     pretrained = load(args)
@@ -166,7 +178,7 @@ def cmd_synth_code(args: argparse.Namespace, load: Callable) -> int:
 def cmd_synth_repurpose(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.data.corpora import corpus_documents
     from qwen2.demo import cache_dir
-    from qwen2.synth.records import write_output
+    from qwen2.synth.records import drop_contaminated, write_output
     from qwen2.synth.repurpose import Repurposing, corpus_speeches, repurpose
 
     spec = Repurposing(mode=args.mode, passages=args.passages, characters=args.characters, min_gain=args.min_gain,
@@ -175,6 +187,7 @@ def cmd_synth_repurpose(args: argparse.Namespace, load: Callable) -> int:
     pretrained = load(args)
     started = time.perf_counter()
     result = repurpose(pretrained, speeches, spec, progress=True)
+    drop_contaminated(result, _sources(args.decontaminate))
     paths = write_output(result, args.out)
     print(f"repurposing ({spec.mode}) in {time.perf_counter() - started:.0f} s: {json.dumps(result.summary['drop_reasons'])} "
           f"dropped; {len(result.conversations)} conversations -> {paths['conversations']}", file=sys.stderr)
@@ -183,7 +196,7 @@ def cmd_synth_repurpose(args: argparse.Namespace, load: Callable) -> int:
 
 def cmd_synth_constitutional(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.synth.constitutional import ConstitutionalFeedback, constitutional_feedback, load_principles
-    from qwen2.synth.records import write_output
+    from qwen2.synth.records import drop_contaminated, write_output
     from qwen2.train.online import load_prompts
 
     if args.limit is not None and args.limit < 1:
@@ -195,6 +208,7 @@ def cmd_synth_constitutional(args: argparse.Namespace, load: Callable) -> int:
     pretrained = load(args)
     started = time.perf_counter()
     result = constitutional_feedback(pretrained, prompts, principles, spec, progress=True)
+    drop_contaminated(result, _sources(args.decontaminate))
     paths = write_output(result, args.out)
     s = result.summary
     print(f"{s['prompts']} prompts in {time.perf_counter() - started:.0f} s: {s['kept_pairs']} revised > original "

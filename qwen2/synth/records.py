@@ -50,3 +50,34 @@ def write_output(result: SynthesisOutput, out: str | Path) -> dict[str, Path]:
 def model_name(pretrained) -> str:
     """A short, stable name of the generating model for provenance."""
     return str(getattr(pretrained, "source", "") or "unknown")
+
+
+def drop_contaminated(result: SynthesisOutput, sources: tuple[str, ...]) -> int:
+    """Remove the conversations and pairs whose text contains an item of the evaluation sets
+    (`sources`: "humaneval", "humaneval:test", or JSONL files in HumanEval's format), by the data
+    pipeline's 13-gram + LCS rule; each removal is marked in its sample's meta. Returns how many."""
+    if not sources:
+        return 0
+    from qwen2.data.decontam import Decontaminator, EvalItem
+    from qwen2.eval.humaneval import load_code_problems
+
+    checker = Decontaminator([EvalItem(p.task_id, p.prompt + p.canonical_solution + "\n" + p.test)
+                              for source in sources for p in load_code_problems(source)])
+
+    def text_of(record: dict) -> str:
+        turns = record.get("messages") or (record.get("prompt", []) + record.get("chosen", []) + record.get("rejected", []))
+        return "\n".join(m["content"] for m in turns)
+
+    dropped = 0
+    for key in ("conversations", "preferences"):
+        kept = []
+        for record in getattr(result, key):
+            hit = checker.check(text_of(record))
+            if hit is None:
+                kept.append(record)
+                continue
+            dropped += 1
+            record.get("meta", {})["contaminates"] = hit.item
+        setattr(result, key, kept)
+    result.summary["dropped_contaminated"] = dropped
+    return dropped

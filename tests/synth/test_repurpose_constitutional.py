@@ -175,3 +175,20 @@ def _defaults():
 def test_the_judge_reads_a_and_b_from_the_model(tiny):
     scores = constitutional.prefers_first(tiny, ["Which? A or B", "Another: A or B"])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+
+
+def test_outputs_containing_an_evaluation_item_are_dropped():
+    from qwen2.eval.humaneval import load_humaneval
+    from qwen2.synth.records import SynthesisOutput, drop_contaminated
+
+    leaked = load_humaneval()[5]
+    out = SynthesisOutput(
+        conversations=[{"messages": [{"role": "user", "content": "write it"},
+                                     {"role": "assistant", "content": leaked.prompt + leaked.canonical_solution}],
+                        "meta": {}},
+                       {"messages": [{"role": "user", "content": "a poem"}, {"role": "assistant", "content": "roses"}]}],
+        preferences=[{"prompt": [{"role": "user", "content": "x"}],
+                      "chosen": [{"role": "assistant", "content": leaked.prompt + leaked.canonical_solution}],
+                      "rejected": [{"role": "assistant", "content": "no"}], "meta": {}}])
+    assert drop_contaminated(out, ("humaneval",)) == 2
+    assert len(out.conversations) == 1 and out.preferences == [] and out.summary["dropped_contaminated"] == 2
