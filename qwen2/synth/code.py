@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from qwen2.eval.humaneval import CodeProblem, extract_code, load_code_problems, run_solution
 from qwen2.inference.batch import sample_chats
 from qwen2.inference.sampling import SamplingParams
-from qwen2.synth.records import SynthesisOutput, model_name
+from qwen2.synth.records import SynthesisOutput, decontaminator, model_name
 
 TESTS_PROMPT = ("Write {n} assert statements that check a correct implementation of `{entry_point}` described "
                 "below, on typical and edge-case inputs. Reply with one ```python block holding only the assert "
@@ -77,12 +77,8 @@ def agreement(passes: list[frozenset[int]]) -> set[int]:
 def execution_feedback(pretrained, sandbox, spec: CodeSynthesis, *, progress: bool = True,
                        limit: int | None = None) -> SynthesisOutput:
     """One synthesis round over the spec's problems (the first `limit` of them, if given)."""
-    from qwen2.data.decontam import Decontaminator, EvalItem
-
     problems = load_code_problems(spec.problems)[:limit]
-    eval_items = [EvalItem(p.task_id, p.prompt + p.canonical_solution + "\n" + p.test)
-                  for source in spec.decontaminate for p in load_code_problems(source)]
-    checker = Decontaminator(eval_items) if eval_items else None
+    checker = decontaminator(spec.decontaminate)
     params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens)
     source = model_name(pretrained)
     untested = [p for p in problems if not p.test.strip()]

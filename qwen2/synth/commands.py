@@ -39,7 +39,7 @@ def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
     c.add_argument("--problems", default="humaneval:train",
                    help="humaneval:train (default), or a JSONL file of HumanEval-format problems (without "
                         "\"test\": the model writes the tests)")
-    c.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    c.add_argument("--limit", type=_at_least_one, default=None, help="only the first N problems")
     c.add_argument("--k", type=int, default=4, help="solutions per problem")
     c.add_argument("--tests-per-problem", type=int, default=2, help="model-written test suites (untested problems)")
     c.add_argument("--seed", type=int, default=0)
@@ -73,7 +73,7 @@ def add_synth_parser(sub, add_model_args: Callable, load: Callable) -> None:
                    help="JSONL of {\"messages\": [...]} ending with a user turn")
     k.add_argument("--principles", default=str(DEFAULTS / "constitution.toml"),
                    help="TOML of [[principle]] name / critique / revision")
-    k.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    k.add_argument("--limit", type=_at_least_one, default=None, help="only the first N prompts")
     k.add_argument("--no-judge", action="store_true", help="keep revisions without the model's two-order check")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--temperature", type=float, default=0.7)
@@ -104,7 +104,7 @@ def add_eval_maths_parser(esub, add_model_args: Callable, load: Callable) -> Non
     add_model_args(h)
     h.add_argument("--problems", default="humaneval",
                    help="humaneval, humaneval:test / humaneval:train (odd / even task numbers), or a JSONL file")
-    h.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    h.add_argument("--limit", type=_at_least_one, default=None, help="only the first N problems")
     h.add_argument("--samples", type=int, default=1, help="samples per problem (1 = greedy pass@1)")
     h.add_argument("--temperature", type=float, default=None, help="default: 0 for one sample, else 0.8")
     h.add_argument("--max-new-tokens", type=int, default=512)
@@ -112,6 +112,23 @@ def add_eval_maths_parser(esub, add_model_args: Callable, load: Callable) -> Non
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--out", default=None, help="JSON file for the scores and per-problem records")
     h.set_defaults(func=lambda args: cmd_eval_humaneval(args, load))
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _probed_sandbox(timeout: float):
+    """A sandbox for programs with `timeout` wall-clock seconds, probed now: a machine where it
+    cannot run fails before the model is loaded, not after every reply is generated."""
+    from qwen2.synth.sandbox import Limits, Sandbox
+
+    sandbox = Sandbox(Limits(wall_seconds=timeout, cpu_seconds=max(1, math.ceil(timeout))))
+    sandbox.layers  # noqa: B018
+    return sandbox
 
 
 def _sources(text: str) -> tuple[str, ...]:
@@ -153,16 +170,12 @@ def cmd_synth_math(args: argparse.Namespace, load: Callable) -> int:
 def cmd_synth_code(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.synth.code import CodeSynthesis, execution_feedback
     from qwen2.synth.records import write_output
-    from qwen2.synth.sandbox import Limits, Sandbox
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1 (got {args.limit})")
     spec = CodeSynthesis(problems=args.problems, k=args.k, tests_per_problem=args.tests_per_problem,
                          temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                          seed=args.seed, timeout=args.timeout,
                          decontaminate=_sources(args.decontaminate))
-    sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
-    sandbox.layers  # noqa: B018 -- fail before loading the model if the sandbox cannot run here
+    sandbox = _probed_sandbox(args.timeout)
     pretrained = load(args)
     started = time.perf_counter()
     result = execution_feedback(pretrained, sandbox, spec, progress=True, limit=args.limit)
@@ -199,8 +212,6 @@ def cmd_synth_constitutional(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.synth.records import drop_contaminated, write_output
     from qwen2.train.online import load_prompts
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1 (got {args.limit})")
     principles = load_principles(args.principles)
     prompts = [r["messages"] for r in load_prompts(Path(args.prompts), need_answer=False)][:args.limit]
     spec = ConstitutionalFeedback(seed=args.seed, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
@@ -239,13 +250,9 @@ def cmd_eval_maths(args: argparse.Namespace, load: Callable) -> int:
 def cmd_eval_humaneval(args: argparse.Namespace, load: Callable) -> int:
     from qwen2.atomic import atomic_write_text
     from qwen2.eval.humaneval import evaluate_humaneval, load_code_problems
-    from qwen2.synth.sandbox import Limits, Sandbox
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1 (got {args.limit})")
     problems = load_code_problems(args.problems)[:args.limit]
-    sandbox = Sandbox(Limits(wall_seconds=args.timeout, cpu_seconds=max(1, math.ceil(args.timeout))))
-    sandbox.layers  # noqa: B018 -- fail before loading the model if the sandbox cannot run here
+    sandbox = _probed_sandbox(args.timeout)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     pretrained = load(args)
     started = time.perf_counter()

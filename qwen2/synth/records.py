@@ -52,17 +52,23 @@ def model_name(pretrained) -> str:
     return str(getattr(pretrained, "source", "") or "unknown")
 
 
+def decontaminator(sources: tuple[str, ...]):
+    """The data pipeline's n-gram + LCS checker over evaluation sets ("humaneval", "humaneval:test",
+    or JSONL files in HumanEval's format); None for no sets."""
+    from qwen2.data.decontam import Decontaminator, EvalItem
+    from qwen2.eval.humaneval import load_code_problems
+
+    items = [EvalItem(p.task_id, p.text) for source in sources for p in load_code_problems(source)]
+    return Decontaminator(items) if items else None
+
+
 def drop_contaminated(result: SynthesisOutput, sources: tuple[str, ...]) -> int:
     """Remove the conversations and pairs whose text contains an item of the evaluation sets
     (`sources`: "humaneval", "humaneval:test", or JSONL files in HumanEval's format), by the data
     pipeline's 13-gram + LCS rule; each removal is marked in its sample's meta. Returns how many."""
-    if not sources:
+    checker = decontaminator(sources)
+    if checker is None:
         return 0
-    from qwen2.data.decontam import Decontaminator, EvalItem
-    from qwen2.eval.humaneval import load_code_problems
-
-    checker = Decontaminator([EvalItem(p.task_id, p.prompt + p.canonical_solution + "\n" + p.test)
-                              for source in sources for p in load_code_problems(source)])
 
     def text_of(record: dict) -> str:
         turns = record.get("messages") or (record.get("prompt", []) + record.get("chosen", []) + record.get("rejected", []))

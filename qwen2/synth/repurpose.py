@@ -132,21 +132,19 @@ def clean_instruction(reply: str) -> str:
 @torch.no_grad()
 def passage_nll(pretrained, pairs: list[tuple[str, str]], batch: int = 4) -> list[float]:
     """Mean negative log-likelihood per token of each reply given its user turn, under the model."""
-    from qwen2.train.dpo import encode_reply  # the same rendering as training
+    from qwen2.model.loss import IGNORE_INDEX
+    from qwen2.train.dpo import encode_reply, pad_labelled  # the same rendering as training
     from qwen2.train.losses import sequence_logps
+    from qwen2.train.sft import pad_id
 
     tokenizer, model = pretrained.tokenizer, pretrained.model
     rows = [encode_reply(tokenizer, [{"role": "user", "content": u}], [{"role": "assistant", "content": a}], "nll", 4096)
             for u, a in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for i in range(0, len(rows), batch):
-        part = rows[i:i + batch]
-        width = max(len(ids) for ids, _ in part)
-        ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in part])
-        labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in part])
+        ids, labels = pad_labelled(rows[i:i + batch], pad_id(tokenizer))
         logps = sequence_logps(model(ids).float(), labels)
-        counts = (labels != -100).sum(-1).clamp_min(1)
+        counts = (labels != IGNORE_INDEX).sum(-1).clamp_min(1)
         out += (-logps / counts).tolist()
     return out
 
@@ -163,20 +161,20 @@ def repurpose(pretrained, speeches: list[Speech], spec: Repurposing, *, progress
                    for s in chosen]
         replies = sample_chats(pretrained, prompts, k=1, params=params, seed=spec.seed, progress=progress,
                                description="instructions")
-        candidates = [(s, clean_instruction(r[0].text), r[0]) for s, r in zip(chosen, replies)]
-        usable = [(s, ins, r) for s, ins, r in candidates if not instruction_problems(ins, s.text)]
-        scored = passage_nll(pretrained, [(ins, s.text) for s, ins, _ in usable] +
-                             [(GENERIC_REQUEST, s.text) for s, _, _ in usable])
-        gain = {id(r): scored[len(usable) + i] - scored[i] for i, (_, _, r) in enumerate(usable)}
+        instructions = [clean_instruction(r[0].text) for r in replies]
+        problems = [instruction_problems(ins, s.text) for s, ins in zip(chosen, instructions)]
+        usable = [i for i, why in enumerate(problems) if not why]
+        scored = passage_nll(pretrained, [(instructions[i], chosen[i].text) for i in usable] +
+                             [(GENERIC_REQUEST, chosen[i].text) for i in usable])
+        gains = {i: scored[len(usable) + n] - scored[n] for n, i in enumerate(usable)}
         kept = dropped = 0
-        for speech, instruction, reply in candidates:
-            why = instruction_problems(instruction, speech.text)
-            g = gain.get(id(reply))
-            if not why and g is not None and g < spec.min_gain:
+        for i, (speech, instruction, (reply,)) in enumerate(zip(chosen, instructions, replies)):
+            why, g = problems[i], gains.get(i)
+            if not why and g < spec.min_gain:
                 why = [f"gain {g:.3f} nats/token < {spec.min_gain}"]
             meta = {"method": "repurposing-instruction", "model": source, "play": speech.play, "speaker": speech.speaker,
                     "seed": reply.seed, "gain": None if g is None else round(g, 4), "dropped": why}
-            out.samples.append({"prompt": prompts[chosen.index(speech)], "response": reply.text, "meta": meta})
+            out.samples.append({"prompt": prompts[i], "response": reply.text, "meta": meta})
             if why:
                 dropped += 1
                 continue
@@ -184,7 +182,7 @@ def repurpose(pretrained, speeches: list[Speech], spec: Repurposing, *, progress
             out.conversations.append({"messages": [{"role": "user", "content": instruction},
                                                    {"role": "assistant", "content": speech.text}], "meta": meta})
         out.summary = {"method": "repurposing-instruction", "model": source, "speeches": len(eligible),
-                       "candidates": len(candidates), "kept": kept, "dropped": dropped,
+                       "candidates": len(chosen), "kept": kept, "dropped": dropped,
                        "drop_reasons": _reasons(out.samples), "settings": dict(spec.__dict__)}
         return out
     # roleplay: the characters with the most eligible replies that have a cue
@@ -199,12 +197,12 @@ def repurpose(pretrained, speeches: list[Speech], spec: Repurposing, *, progress
     profiles = sample_chats(pretrained, prompts, k=1, params=params, seed=spec.seed, progress=progress,
                             description="profiles")
     per_character = max(1, spec.passages // max(len(ranked), 1))
-    for ((play, speaker), lines), profile in zip(ranked, profiles):
-        text = profile[0].text.strip()
+    for ((play, speaker), lines), prompt, (profile,) in zip(ranked, prompts, profiles):
+        text = profile.text.strip()
         why = ["boilerplate"] if BOILERPLATE.search(text) else ([] if 10 <= len(text.split()) <= 120 else ["length"])
         meta = {"method": "repurposing-roleplay", "model": source, "play": play, "speaker": speaker,
-                "seed": profile[0].seed, "dropped": why}
-        out.samples.append({"prompt": prompts[len(out.samples)], "response": text, "meta": meta})
+                "seed": profile.seed, "dropped": why}
+        out.samples.append({"prompt": prompt, "response": text, "meta": meta})
         if why:
             continue
         system = ROLEPLAY_SYSTEM.format(speaker=speaker, title=lines[0].title, profile=text)

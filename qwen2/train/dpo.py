@@ -68,7 +68,8 @@ def load_preferences(path: Path, tokenizer: Tokenizer, max_len: int) -> list[Pai
     return pairs
 
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_labelled(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) rows right-padded to one width (labels with IGNORE_INDEX)."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([r[0] + [pad_id] * (width - len(r[0])) for r in rows])
     labels = torch.tensor([r[1] + [IGNORE_INDEX] * (width - len(r[1])) for r in rows])
@@ -78,7 +79,7 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Te
 def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs (chosen (B,), rejected (B,)) in one forward over 2B right-padded rows
     (right padding changes nothing before it under a causal mask)."""
-    ids, labels = _pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    ids, labels = pad_labelled([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     logps = sequence_logps(model(ids), labels)
     return logps[:len(pairs)], logps[len(pairs):]
 

@@ -29,7 +29,6 @@ import torch
 from qwen2.data.readers import DataError
 from qwen2.inference.batch import sample_chats
 from qwen2.inference.sampling import SamplingParams
-from qwen2.model.loss import IGNORE_INDEX
 from qwen2.train.data import EpochOrder
 from qwen2.train.distributed import DistEnv
 from qwen2.train.dpo import Pair, encode_reply, pair_batches, pair_logps, reference_policy
@@ -83,12 +82,13 @@ def model_reward(path: Path, tokenizer, dtype: torch.dtype) -> Callable[[list[di
     from qwen2.model.reward import Qwen2RewardModel
     from qwen2.tokenizer import encode_chat
     from qwen2.train.reward import pad_rows
+    from qwen2.train.sft import pad_id
 
     model = load_pretrained(path, dtype=dtype).model
     if not isinstance(model, Qwen2RewardModel):
         raise RecipeError(f"{path}: not a reward model (config.json architectures must be Qwen2ForSequenceClassification)")
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
 
     @torch.no_grad()
     def score(records: list[dict], replies: list[str], finish: list[str]) -> list[float]:
@@ -211,16 +211,11 @@ class OnlineDPOTask:
 def evaluate_policy(model: torch.nn.Module, task: OnlineDPOTask) -> dict[str, float]:
     """Held-out SFT loss per assistant token (the alignment tax) and the mean reward of greedy
     replies to the held-out prompts."""
+    from qwen2.train.sft import SFTTask
+
     result = {}
-    if task.val_rows:
-        model.eval()
-        total, count = 0.0, 0
-        for rows in task.val_rows:
-            with task.autocast():
-                total += float(model(rows.input_ids_BT, document_ids_BT=rows.document_ids_BT, labels_BT=rows.labels_BT))
-            count += int((rows.labels_BT != IGNORE_INDEX).sum())
-        model.train()
-        result["sft_val_loss"] = total / max(count, 1)
+    if task.val_rows:  # SFT's own validation loss, on the held-out conversations
+        result["sft_val_loss"] = SFTTask(task.recipe, None, task.val_rows, task.autocast).evaluate(model, 0)["val_loss"]
     if task.eval_prompts:
         replies = task._sample(model, task.eval_prompts, 1, task._params(greedy=True), 0)
         rewards = task.score(task.eval_prompts, [r[0].text for r in replies], [r[0].finish_reason for r in replies])
@@ -229,10 +224,8 @@ def evaluate_policy(model: torch.nn.Module, task: OnlineDPOTask) -> dict[str, fl
 
 
 def run_online(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
-    import math
-
     from qwen2.train.loop import autocast_for, resume, start_run, train
-    from qwen2.train.sft import PackedConversations, finish, load_conversations, load_for_finetuning, pad_id
+    from qwen2.train.sft import finish, load_for_finetuning, pad_id, validation_rows
 
     if not recipe.data.prompts:
         raise RecipeError(f"{recipe.path}: [data] prompts = a JSONL file of {{\"messages\": [...], \"answer\"?: ...}}")
@@ -250,12 +243,7 @@ def run_online(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_a
                                 tokenizer=tokenizer, max_len=seq_len) if o.eval_prompts else []
     score = maths_reward() if o.reward == "maths" else model_reward(recipe.resolve(o.reward_model, out), tokenizer,
                                                                     torch.float32)
-    val_rows = []
-    if recipe.data.val:
-        t = recipe.train
-        val_data = PackedConversations(load_conversations(recipe.resolve(recipe.data.val, out), tokenizer), t.seq_len, pad, 0)
-        val_rows = [val_data.rows(t.micro_batch_size) for _ in range(max(1, min(t.eval_batches, math.ceil(
-            len(val_data.examples) / t.micro_batch_size))))]
+    val_rows = validation_rows(recipe, out, tokenizer)
     autocast = autocast_for(recipe)
     reference = reference_policy(model, pad, autocast)
     optimizer = make_online_optimizer(model, recipe, out)

@@ -221,6 +221,18 @@ def finish(pretrained, recipe: Recipe, out: Path, steps: int, env: DistEnv) -> P
     return out / "model"
 
 
+def validation_rows(recipe: Recipe, out: Path, tokenizer: Tokenizer) -> list[Rows]:
+    """The fixed validation batches of `[data] val` (conversations), or none: packed like training,
+    at most `eval_batches` of them."""
+    if not recipe.data.val:
+        return []
+    t = recipe.train
+    data = PackedConversations(load_conversations(recipe.resolve(recipe.data.val, out), tokenizer), t.seq_len,
+                               pad_id(tokenizer), 0)
+    batches = max(1, min(t.eval_batches, math.ceil(len(data.examples) / t.micro_batch_size)))
+    return [data.rows(t.micro_batch_size) for _ in range(batches)]
+
+
 def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
     from qwen2.train.loop import autocast_for, make_optimizer, resume, start_run, train
 
@@ -233,11 +245,7 @@ def run_sft(recipe: Recipe, out: str | Path, *, progress: bool = True, stop_afte
     examples = load_conversations(recipe.resolve(recipe.data.conversations, out), tokenizer)
     pad = pad_id(tokenizer)
     data = PackedConversations(examples, t.seq_len, pad, recipe.seed)
-    val = []
-    if recipe.data.val:
-        val_data = PackedConversations(load_conversations(recipe.resolve(recipe.data.val, out), tokenizer), t.seq_len, pad, 0)
-        val = [val_data.rows(t.micro_batch_size) for _ in range(max(1, min(t.eval_batches, math.ceil(
-            len(val_data.examples) / t.micro_batch_size))))]
+    val = validation_rows(recipe, out, tokenizer)
     if env.is_main:
         print(f"SFT: {len(examples)} conversations ({data.truncated} cut to {t.seq_len} tokens), "
               f"{trainable / 1e6:.2f}M trainable parameters", file=sys.stderr, flush=True)
