@@ -6,7 +6,9 @@ Takes the model of `qwen2 train pretrain --recipe recipes/long-context-repro.tom
 validation shards, never trained on) in windows of 256 to 4,096 tokens, with plain RoPE, static
 YaRN (factor 16 = 4,096 / 256), length-adaptive YaRN, DCA (chunk 256) and YaRN + DCA (DCA with
 YaRN's temperature). Every window is a run of consecutive tokens inside one play, scored whole.
-Writes a markdown table and a plot.
+A second table splits the longest windows by token position: the perplexity of the tokens at
+positions [0, 256), [256, 512), ... shows where a variant gains from the longer context and where
+plain RoPE meets distances it never saw. Writes the markdown tables and a plot.
 
 Usage: python benchmarks/repro_long_context.py --run runs/long-context-repro [--out docs]
 """
@@ -50,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from qwen2.checkpoint import load_pretrained
-    from qwen2.eval.long_context import configure_long_context, sequence_nll
+    from qwen2.eval.long_context import configure_long_context, token_nll
 
     torch.set_num_threads(2)
     run = Path(args.run)
@@ -69,17 +71,20 @@ def main() -> None:
     print(f"model trained at {trained} tokens; windows per length: "
           + ", ".join(f"{n}: {len(texts[n])}" for n in LENGTHS), flush=True)
     results: dict[str, dict[int, float]] = {}
+    # positions of the longest windows: [0, trained), [trained, 2 trained), ... doubling
+    edges = [0] + [n for n in LENGTHS]
+    by_position: dict[str, list[float]] = {}
     started = time.perf_counter()
     for name, switches in variants.items():
         model = copy.deepcopy(base.model)
         configure_long_context(model, max_length=max(LENGTHS), **switches)
         results[name] = {}
         for n in LENGTHS:
-            nll = count = 0
-            for window in texts[n]:
-                total, k = sequence_nll(model, window, chunk=1024)
-                nll, count = nll + total, count + k
-            results[name][n] = math.exp(nll / count)
+            nlls = torch.stack([token_nll(model, window, chunk=1024) for window in texts[n]]).double()
+            results[name][n] = math.exp(nlls.mean().item())
+            if n == max(LENGTHS):  # token i of a row is position i + 1 of its window
+                by_position[name] = [math.exp(nlls[:, max(a - 1, 0):b - 1].mean().item())
+                                     for a, b in zip(edges, edges[1:])]
         print(f"{name:28s} " + "  ".join(f"{n}: {results[name][n]:8.2f}" for n in LENGTHS), flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
 
@@ -88,6 +93,11 @@ def main() -> None:
     for name, row in results.items():
         ratio = row[max(LENGTHS)] / row[trained]
         lines.append(f"| {name} | " + " | ".join(f"{row[n]:.2f}" for n in LENGTHS) + f" | {ratio:.2f}x |")
+    lines += ["", f"Perplexity by token position inside the {max(LENGTHS)}-token windows:", "",
+              "| variant | " + " | ".join(f"{a}-{b}" for a, b in zip(edges, edges[1:])) + " |",
+              "|---|" + "---|" * (len(edges) - 1)]
+    for name, row in by_position.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
@@ -101,16 +111,21 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, row in results.items():
         ax.plot(LENGTHS, [row[n] for n in LENGTHS], marker="o", label=name)
-    ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+        bx.plot([(a + b) / 2 for a, b in zip(edges, edges[1:])], by_position[name], marker="o", label=name)
+    for axis in (ax, bx):
+        axis.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
     ax.set_xlabel("window (tokens)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("tiny Qwen2 trained at 256 tokens, evaluated longer")
+    ax.set_title("whole windows")
+    bx.set_xlabel(f"token position inside a {max(LENGTHS)}-token window")
+    bx.set_title("by position")
     ax.legend(fontsize=8)
+    fig.suptitle(f"tiny Qwen2 trained at {trained} tokens, evaluated longer")
     fig.tight_layout()
     fig.savefig(out / "long_context_repro.png", dpi=120)
     print(f"wrote {out / 'long_context_repro.md'} and {out / 'long_context_repro.png'}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from qwen2.cli import main
 from qwen2.config import PRESETS
-from qwen2.eval.long_context import configure_long_context, long_perplexity, sequence_nll
+from qwen2.eval.long_context import configure_long_context, long_perplexity, sequence_nll, token_nll
 from qwen2.model import Qwen2ForCausalLM
 
 
@@ -25,8 +25,11 @@ def test_chunked_scoring_equals_one_forward():
     ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids[None])[0, :-1]
-    expected = F.cross_entropy(logits, ids[1:], reduction="sum").item()
+    expected = F.cross_entropy(logits, ids[1:], reduction="none")
+    per_token = token_nll(model, ids, chunk=7, head_rows=5)  # chunk and head boundaries misaligned
+    torch.testing.assert_close(per_token, expected, rtol=1e-5, atol=1e-5)
     total, count = sequence_nll(model, ids, chunk=7)
+    expected = expected.sum().item()
     assert count == 59 and total == pytest.approx(expected, rel=1e-5)
     (result,) = long_perplexity(model, ids.tolist(), [30], windows=2)
     assert result.windows == 2 and result.tokens == 58 and result.perplexity > 1 and math.isfinite(result.perplexity)

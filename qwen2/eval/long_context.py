@@ -57,13 +57,14 @@ def configure_long_context(model: Qwen2ForCausalLM, *, yarn: float | None = None
 
 
 @torch.inference_mode()
-def sequence_nll(model: Qwen2ForCausalLM, ids: torch.Tensor, *, chunk: int = 2048,
-                 head_rows: int = 256) -> tuple[float, int]:
-    """(summed negative log-likelihood, scored tokens) of one sequence of token ids, fed through a KV
-    cache `chunk` tokens at a time."""
+def token_nll(model: Qwen2ForCausalLM, ids: torch.Tensor, *, chunk: int = 2048,
+              head_rows: int = 256) -> torch.Tensor:
+    """Negative log-likelihood of every token after the first (float32, length len(ids) - 1) of one
+    sequence of token ids, fed through a KV cache `chunk` tokens at a time and scored `head_rows`
+    rows at a time, so neither a T x T matrix nor T x vocabulary logits ever exist."""
     T = len(ids)
     cache = KVCache.allocate(model.config, batch_size=1, max_seq_len=T, dtype=model.dtype, device=model.device)
-    total, count = 0.0, 0
+    out = torch.empty(max(T - 1, 0), dtype=torch.float32)
     for start in range(0, T, chunk):
         piece = ids[start:start + chunk].to(model.device)
         h_TD = model.model(piece[None], kv_cache=cache)[0]
@@ -71,9 +72,16 @@ def sequence_nll(model: Qwen2ForCausalLM, ids: torch.Tensor, *, chunk: int = 204
         h_TD = h_TD[:len(targets)]  # the last token of the sequence predicts nothing
         for r in range(0, len(targets), head_rows):
             logits = model.lm_head(h_TD[r:r + head_rows]).float()
-            total += F.cross_entropy(logits, targets[r:r + head_rows], reduction="sum").item()
-        count += len(targets)
-    return total, count
+            nll = F.cross_entropy(logits, targets[r:r + head_rows], reduction="none")
+            out[start + r:start + r + len(nll)] = nll.cpu()
+    return out
+
+
+def sequence_nll(model: Qwen2ForCausalLM, ids: torch.Tensor, *, chunk: int = 2048,
+                 head_rows: int = 256) -> tuple[float, int]:
+    """(summed negative log-likelihood, scored tokens) of one sequence of token ids (see token_nll)."""
+    nll = token_nll(model, ids, chunk=chunk, head_rows=head_rows)
+    return nll.double().sum().item(), len(nll)
 
 
 @dataclass
