@@ -85,23 +85,34 @@ class DCAQueries:
 class DCARotary:
     """cos / sin (B|1, T, C) of a block of positions for the keys (also the intra-chunk queries), the
     successive-chunk queries and the inter-chunk queries; computed once per forward and shared by
-    every layer. Row b's positions are starts[b] .. starts[b] + T - 1 (rows of a paged batch may
-    differ; one start for all rows otherwise)."""
+    every layer. Row b's queries sit at positions starts[b] .. starts[b] + T - 1 (one start for all
+    rows, or per row: rows of a paged batch have their own cached lengths, rows of a padded batch
+    their own padding).
+
+    Padding: row b's tokens fill cache slots offsets[b] .. offsets[b] + lengths[b] - 1, slot =
+    position + offsets[b] (left padding: offset = the row's pad count; right padding: the row ends
+    early). Queries outside 0 .. lengths[b] - 1 are padding: their output is zero. No padding:
+    offsets 0, and every query is a token."""
 
     config: DCAConfig
     starts: list[int]
     key: tuple[torch.Tensor, torch.Tensor]
     successive: tuple[torch.Tensor, torch.Tensor]
     inter: tuple[torch.Tensor, torch.Tensor]
+    offsets: list[int] | None = None  # per row, with padding
+    lengths: list[int] | None = None
 
     @classmethod
     def build(cls, config: DCAConfig, starts: int | list[int], num: int, inv_freq: torch.Tensor, dtype: torch.dtype,
-              device: torch.device | str = "cpu", attention_scaling: float = 1.0) -> DCARotary:
+              device: torch.device | str = "cpu", attention_scaling: float = 1.0, *,
+              offsets: list[int] | None = None, lengths: list[int] | None = None) -> DCARotary:
         starts = [starts] if isinstance(starts, int) else list(starts)
         positions_BT = torch.tensor(starts, device=device)[:, None] + torch.arange(num, device=device)[None]
+        # Padding queries (negative positions) get rotations too; nothing reads them.
         sets = (config.key_positions(positions_BT), config.successive_positions(positions_BT),
                 torch.full_like(positions_BT, config.inter_position()))
-        return cls(config, starts, *(rope_cos_sin(p, inv_freq, attention_scaling, dtype) for p in sets))
+        return cls(config, starts, *(rope_cos_sin(p, inv_freq, attention_scaling, dtype) for p in sets),
+                   offsets=offsets, lengths=lengths)
 
     def keys(self, k_BKTC: torch.Tensor) -> torch.Tensor:
         return apply_rope(k_BKTC, *self.key)
@@ -113,20 +124,30 @@ class DCARotary:
                           apply_rope(q_BHTC, *self.inter), self.starts[0])
 
     def attend(self, q_BHTC: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor) -> torch.Tensor:
-        """DCA for unrotated queries over cached keys (rotated by `keys`): row b reads its first
-        starts[b] + T slots (a paged batch holds max(starts) + T, shorter rows' extra slots empty)."""
+        """DCA for unrotated queries over cached keys (rotated by `keys`): row b's query at position
+        p reads the row's keys at positions 0 .. p (a paged batch holds max(starts) + T slots,
+        shorter rows' extra slots empty)."""
         T = q_BHTC.shape[2]
         intra, successive, inter = (apply_rope(q_BHTC, *cs) for cs in (self.key, self.successive, self.inter))
-        if len(self.starts) == 1:
+        if len(self.starts) == 1 and self.offsets is None:
             end = self.starts[0] + T
             return dca_attention(DCAQueries(intra, successive, inter, self.starts[0]), k_BKSC[:, :, :end],
                                  v_BKSC[:, :, :end], self.config)
-        rows = []
-        for b, start in enumerate(self.starts):
-            queries = DCAQueries(intra[b:b + 1], successive[b:b + 1], inter[b:b + 1], start)
-            rows.append(dca_attention(queries, k_BKSC[b:b + 1, :, :start + T], v_BKSC[b:b + 1, :, :start + T],
-                                      self.config))
-        return torch.cat(rows)
+        B = q_BHTC.shape[0]
+        starts = self.starts * B if len(self.starts) == 1 else self.starts
+        offsets = self.offsets or [0] * B
+        lengths = self.lengths or [start + T for start in starts]
+        out_BHTC = q_BHTC.new_zeros(q_BHTC.shape[:3] + (v_BKSC.shape[-1],))
+        for b, (start, offset, length) in enumerate(zip(starts, offsets, lengths)):
+            lo, hi = max(0, -start), min(T, length - start)  # the row's queries that are tokens
+            if hi <= lo:
+                continue
+            rows, keys = slice(lo, hi), slice(offset, offset + start + hi)
+            queries = DCAQueries(intra[b:b + 1, :, rows], successive[b:b + 1, :, rows], inter[b:b + 1, :, rows],
+                                 start + lo)
+            out_BHTC[b:b + 1, :, rows] = dca_attention(queries, k_BKSC[b:b + 1, :, keys], v_BKSC[b:b + 1, :, keys],
+                                                       self.config)
+        return out_BHTC
 
 
 def rotate_queries(q_BHTC: torch.Tensor, start: int, dca: DCAConfig, inv_freq: torch.Tensor,

@@ -233,25 +233,50 @@ class Qwen2Model(nn.Module):
                      attention_mask_BS: torch.Tensor | None, document_ids_BT: torch.Tensor | None,
                      positions_BT: torch.Tensor) -> torch.Tensor:
         """Every layer with Dual Chunk Attention: each row at consecutive positions from its cached
-        length (one for all rows, or per row in a paged batch); no padding or packed documents yet,
-        causal, no window."""
+        length (one for all rows, or per row in a paged batch), or, in a padded batch, from its first
+        token (left or right padding: each row's tokens in one run of slots); causal, no window, no
+        packed documents."""
         B, T, _ = x_BTD.shape
-        if attention_mask_BS is not None or document_ids_BT is not None:
-            raise ValueError("Dual Chunk Attention runs on rows without padding (static cache, paged batch or "
-                             "none); padded or packed batches are not supported with it")
-        starts = [past] * B if isinstance(past, int) else [int(p) for p in past]
+        if document_ids_BT is not None:
+            raise ValueError("Dual Chunk Attention runs on one document per row; packed documents "
+                             "(document_ids) are not supported with it")
+        offsets = lengths = None
+        if attention_mask_BS is not None:
+            if not isinstance(past, int):
+                raise ValueError("Dual Chunk Attention: a paged batch takes no attention_mask")
+            offsets, lengths = _token_runs(attention_mask_BS)
+            starts = [past - offset for offset in offsets]
+        else:
+            starts = [past] * B if isinstance(past, int) else [int(p) for p in past]
         expected_BT = torch.tensor(starts, device=positions_BT.device)[:, None] + torch.arange(T, device=positions_BT.device)
-        if not torch.equal(positions_BT, expected_BT):
-            raise ValueError("Dual Chunk Attention needs consecutive positions from the cache length")
+        tokens_BT = (expected_BT >= 0) & (expected_BT < torch.tensor(lengths or [s + T for s in starts],
+                                                                     device=positions_BT.device)[:, None])
+        if not torch.equal(positions_BT[tokens_BT], expected_BT[tokens_BT]):
+            raise ValueError("Dual Chunk Attention needs consecutive positions from each row's first token")
         if any(layer.is_sliding for layer in self.layers):
             raise ValueError("Dual Chunk Attention and sliding-window layers cannot be combined")
-        uniform = isinstance(past, int)
-        rotary = DCARotary.build(self.dca, past if uniform else starts, T, self.inv_freq, x_BTD.dtype, x_BTD.device)
+        uniform = isinstance(past, int) and offsets is None
+        rotary = DCARotary.build(self.dca, past if uniform else starts, T, self.inv_freq, x_BTD.dtype, x_BTD.device,
+                                 offsets=offsets, lengths=lengths)
         for layer in self.layers:
             x_BTD = layer(x_BTD, *rotary.key, mask_B1TS=None, is_causal=True, kv_cache=kv_cache, dca=rotary)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm(x_BTD)
+
+
+def _token_runs(mask_BS: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Each row's (first token slot, token count) of a padding mask whose tokens form one run."""
+    offsets, lengths = [], []
+    for b, row in enumerate(mask_BS.bool()):
+        slots = row.nonzero().flatten().tolist()
+        first, count = (slots[0], len(slots)) if slots else (0, 0)
+        if slots and slots[-1] - first + 1 != count:
+            raise ValueError(f"Dual Chunk Attention needs each row's tokens in one run of slots (left or right "
+                             f"padding); row {b} of attention_mask has padding between its tokens")
+        offsets.append(first)
+        lengths.append(count)
+    return offsets, lengths
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -49,6 +49,24 @@ def test_batched_prompts_of_different_lengths_match_single_runs(model):
     assert run(model, prompts, params) == [run(model, [p], params)[0] for p in prompts]
 
 
+def test_batched_generation_with_dca_matches_single_runs():
+    """Left-padded rows with Dual Chunk Attention, prompt and answer over several DCA chunks: each
+    row gets the tokens of the row generated alone, and of the obviously-correct loop."""
+    config = dataclasses.replace(PRESETS["tiny"], max_position_embeddings=256, dual_chunk_attention_config={
+        "chunk_size": 24, "local_size": 8, "original_max_position_embeddings": 24})
+    m = Qwen2ForCausalLM(config)
+    m.init_weights(seed=1)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    m.eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (70, 33, 5)]
+    params = SamplingParams(max_new_tokens=20)
+    batched = run(m, prompts, params)
+    assert batched == [run(m, [p], params)[0] for p in prompts]
+    assert batched[1] == slow_greedy(m, prompts[1], 20)
+
+
 def test_greedy_matches_transformers_generate(model):
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.config.to_dict())).eval()

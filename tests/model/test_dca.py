@@ -123,8 +123,47 @@ def test_model_decode_through_the_cache_equals_a_full_prefill_past_the_context()
             torch.testing.assert_close(logits[:, -1], full[:, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_padded_batches_give_each_row_its_own_logits():
+    """Left padding (batched generation: prefill, then decode through the cache) and right padding
+    (scoring), rows several DCA chunks long: every token's logits equal the row run alone."""
+    from qwen2.model import KVCache
+
+    model = _tiny({"chunk_size": 32, "local_size": 8, "original_max_position_embeddings": 32})
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(0, 256, (n,), generator=gen) for n in (90, 61, 37)]
+    longest, steps = 90, 12
+    with torch.no_grad():
+        ids = torch.zeros(3, longest, dtype=torch.long)
+        mask = torch.zeros(3, longest + steps, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, longest - len(row):] = row
+            mask[b, longest - len(row):] = 1
+        mask[:, longest:] = 1
+        cache = KVCache.allocate(model.config, batch_size=3, max_seq_len=longest + steps)
+        got = [model(ids, attention_mask_BS=mask[:, :longest], kv_cache=cache, logits_to_keep=1)[:, -1]]
+        nxt = torch.randint(0, 256, (3, steps), generator=gen)
+        for t in range(steps - 1):
+            got.append(model(nxt[:, t:t + 1], attention_mask_BS=mask[:, :cache.length + 1], kv_cache=cache)[:, -1])
+        for b, row in enumerate(rows):
+            sequence = torch.cat([row, nxt[b, :steps - 1]])
+            for i, logits in enumerate(got):  # a prefill of the same length (the same temperature)
+                alone = model(sequence[None, :len(row) + i], logits_to_keep=1)[0, -1]
+                torch.testing.assert_close(logits[b], alone, atol=1e-4, rtol=1e-4)
+
+        right = torch.zeros(3, longest, dtype=torch.long)
+        right_mask = torch.zeros(3, longest, dtype=torch.long)
+        for b, row in enumerate(rows):
+            right[b, :len(row)] = row
+            right_mask[b, :len(row)] = 1
+        scored = model(right, attention_mask_BS=right_mask)
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(scored[b, :len(row)], model(row[None])[0], atol=1e-4, rtol=1e-4)
+
+
 def test_dca_refuses_batches_it_cannot_run():
     model = _tiny({"chunk_size": 32, "local_size": 8})
     ids = torch.randint(0, 256, (2, 10))
-    with pytest.raises(ValueError, match="without padding"), torch.no_grad():
-        model(ids, attention_mask_BS=torch.tensor([[0] * 3 + [1] * 7, [1] * 10]))
+    with pytest.raises(ValueError, match="row 0 of attention_mask has padding between its tokens"), torch.no_grad():
+        model(ids, attention_mask_BS=torch.tensor([[1] * 3 + [0] * 2 + [1] * 5, [1] * 10]))
+    with pytest.raises(ValueError, match="packed documents"), torch.no_grad():
+        model(ids, document_ids_BT=torch.tensor([[0] * 4 + [1] * 6, [0] * 10]))
