@@ -46,8 +46,6 @@ def configure_long_context(model: Qwen2ForCausalLM, *, yarn: float | None = None
         rope_scaling = {"rope_type": "yarn", "factor": float(yarn), "original_max_position_embeddings": original}
         if adaptive:
             rope_scaling["length_adaptive"] = True
-    if sparse is not None and dca:
-        raise ValueError("sparse prefill runs on plain or YaRN attention; with DCA it is not supported yet")
     new = dataclasses.replace(config, rope_scaling=rope_scaling, dual_chunk_attention_config=dca_config,
                               max_position_embeddings=longest, sparse_prefill_config=sparse)
     model.config = model.model.config = new

@@ -26,9 +26,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from qwen2.model.rope import apply_rope, rope_cos_sin
+
+if TYPE_CHECKING:
+    from qwen2.model.sparse import SparsePrefill
 
 
 @dataclass(frozen=True)
@@ -101,18 +106,20 @@ class DCARotary:
     inter: tuple[torch.Tensor, torch.Tensor]
     offsets: list[int] | None = None  # per row, with padding
     lengths: list[int] | None = None
+    sparse: SparsePrefill | None = None  # sparse prefill for this forward (the model decides)
 
     @classmethod
     def build(cls, config: DCAConfig, starts: int | list[int], num: int, inv_freq: torch.Tensor, dtype: torch.dtype,
               device: torch.device | str = "cpu", attention_scaling: float = 1.0, *,
-              offsets: list[int] | None = None, lengths: list[int] | None = None) -> DCARotary:
+              offsets: list[int] | None = None, lengths: list[int] | None = None,
+              sparse: SparsePrefill | None = None) -> DCARotary:
         starts = [starts] if isinstance(starts, int) else list(starts)
         positions_BT = torch.tensor(starts, device=device)[:, None] + torch.arange(num, device=device)[None]
         # Padding queries (negative positions) get rotations too; nothing reads them.
         sets = (config.key_positions(positions_BT), config.successive_positions(positions_BT),
                 torch.full_like(positions_BT, config.inter_position()))
         return cls(config, starts, *(rope_cos_sin(p, inv_freq, attention_scaling, dtype) for p in sets),
-                   offsets=offsets, lengths=lengths)
+                   offsets=offsets, lengths=lengths, sparse=sparse)
 
     def keys(self, k_BKTC: torch.Tensor) -> torch.Tensor:
         return apply_rope(k_BKTC, *self.key)
@@ -132,7 +139,7 @@ class DCARotary:
         if len(self.starts) == 1 and self.offsets is None:
             end = self.starts[0] + T
             return dca_attention(DCAQueries(intra, successive, inter, self.starts[0]), k_BKSC[:, :, :end],
-                                 v_BKSC[:, :, :end], self.config)
+                                 v_BKSC[:, :, :end], self.config, sparse=self.sparse)
         B = q_BHTC.shape[0]
         starts = self.starts * B if len(self.starts) == 1 else self.starts
         offsets = self.offsets or [0] * B
@@ -185,7 +192,7 @@ def _attend(q_BHTC: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor, *,
 
 
 def dca_attention(queries: DCAQueries, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor, dca: DCAConfig,
-                  *, scale: float | None = None) -> torch.Tensor:
+                  *, scale: float | None = None, sparse: SparsePrefill | None = None) -> torch.Tensor:
     """DCA output (B, H, T, C) for the queries at queries.start .. start + T - 1 over the keys at
     0 .. S - 1 (S = start + T: the cached ones and the new ones, rotated by `rotate_keys`).
 
@@ -193,6 +200,7 @@ def dca_attention(queries: DCAQueries, k_BKSC: torch.Tensor, v_BKSC: torch.Tenso
     earlier keys of its own chunk (intra, all visible), its own keys (intra, causal), the previous
     chunk (successive) and everything before that (inter). Pieces cost O(piece x chunk) memory.
     Works for a whole prompt (start 0), a prefill chunk after cached tokens, and one decode step.
+    With `sparse`, each piece attends sparsely (SparsePrefill.attend_dca_piece) instead.
     """
     B, H, T, C = queries.intra.shape
     S = k_BKSC.shape[2]
@@ -207,6 +215,12 @@ def dca_attention(queries: DCAQueries, k_BKSC: torch.Tensor, v_BKSC: torch.Tenso
         chunk_start = a // L * L
         b = min(chunk_start + L, start + T)  # this piece: queries [a, b), all in one chunk
         rows = slice(a - start, b - start)
+        if sparse is not None:
+            pieces.append(sparse.attend_dca_piece(queries.intra[:, :, rows], queries.successive[:, :, rows],
+                                                  queries.inter[:, :, rows], k_BKSC[:, :, :b], v_BKSC[:, :, :b],
+                                                  chunk_start, L, scale))
+            a = b
+            continue
         parts = [_attend(queries.intra[:, :, rows], k_BKSC[:, :, a:b], v_BKSC[:, :, a:b], causal=True, scale=scale)]
         if a > chunk_start:
             parts.append(_attend(queries.intra[:, :, rows], k_BKSC[:, :, chunk_start:a], v_BKSC[:, :, chunk_start:a],

@@ -16,6 +16,13 @@ merged exactly by log-sum-exp. Rounding the diagonals out to whole query blocks 
 a superset of MInference's per-row pattern, computed densely on gathered keys, so heads whose
 attention is local or retrieval-like read a few thousand keys instead of all of them.
 
+With Dual Chunk Attention (qwen2.model.dca) the same runs inside each DCA piece (queries of one
+chunk): the pattern is estimated from the exact DCA attention of the piece's last queries (each key
+range scored with its own query rotation, the DCA temperature included), the kept keys are chosen
+in absolute positions as above, and each kept key is scored with the rotation of its range (intra,
+successive or inter-chunk), all merged by log-sum-exp. (vLLM's Qwen2.5-1M kernel estimates with
+unclamped "critical" rotations instead; ours estimates the attention it then approximates.)
+
 Sparse prefill is approximate and is used only when a forward has at least `threshold` keys
 (cached + new), no padding and no sliding window; below that the dense kernel runs. Decoding is
 always dense. Shape legend: H query heads, K kv heads, G = H / K, T queries, S keys, C head dim.
@@ -56,13 +63,17 @@ class SparsePrefill:
     def applies(self, num_new: int, num_keys: int) -> bool:
         return num_new > 1 and num_keys >= self.config.threshold
 
-    def attend(self, q_BHTC: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor) -> torch.Tensor:
-        """Causal attention of T new queries (the last T positions) over S keys, row by row."""
+    def attend(self, q_BHTC: torch.Tensor, k_BKSC: torch.Tensor, v_BKSC: torch.Tensor, *, scale: float | None = None,
+               regions: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Causal attention of T new queries (the last T positions) over S keys, row by row.
+        `regions` (DCA): (first key, (B, H, T, C) queries) pairs, as sparse_attention takes them."""
         rows = []
         for b in range(q_BHTC.shape[0]):
             q, k, v = q_BHTC[b], k_BKSC[b], v_BKSC[b]
-            vertical, slash = estimate_pattern(q, k, self.config)
-            out, read = sparse_attention(q, k, v, vertical, slash, self.config.block_size)
+            row_regions = [(first, r[b]) for first, r in regions] if regions else None
+            vertical, slash = estimate_pattern(q, k, self.config, scale=scale, regions=row_regions)
+            out, read = sparse_attention(q, k, v, vertical, slash, self.config.block_size, scale=scale,
+                                         regions=row_regions)
             T, S = q.shape[1], k.shape[1]
             self.stats.keys_read += read
             self.stats.keys_dense += q.shape[0] * (T * (S - T) + T * (T + 1) // 2)
@@ -70,16 +81,42 @@ class SparsePrefill:
             rows.append(out)
         return torch.stack(rows)
 
+    def attend_dca_piece(self, intra_BHTC: torch.Tensor, successive_BHTC: torch.Tensor, inter_BHTC: torch.Tensor,
+                         k_BKSC: torch.Tensor, v_BKSC: torch.Tensor, chunk_start: int, chunk_len: int,
+                         scale: float) -> torch.Tensor:
+        """One DCA piece: T queries at positions S - T .. S - 1, all in the DCA chunk that starts at
+        `chunk_start`, over the S keys before them (rotated as DCA caches them); the queries come
+        rotated the three DCA ways."""
+        prev = chunk_start - chunk_len  # the key ranges of dca_attention: inter, successive, intra
+        regions = ([(0, inter_BHTC)] if prev > 0 else []) + ([(prev, successive_BHTC)] if prev >= 0 else []) + [
+            (chunk_start, intra_BHTC)]
+        return self.attend(intra_BHTC, k_BKSC, v_BKSC, scale=scale, regions=regions)
 
-def estimate_pattern(q_HTC: torch.Tensor, k_KSC: torch.Tensor,
-                     config: SparseConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per query head: the kept key columns and the kept distances (sorted int64), from the exact
-    attention of the last `last_q` queries (positions S - n .. S - 1) over all keys."""
-    H, T, C = q_HTC.shape
+
+def _region_scores(regions: list[tuple[int, torch.Tensor]], k_KSC: torch.Tensor, rows: slice,
+                   scale: float) -> torch.Tensor:
+    """(H, n, S) float32 logits of the queries `rows`, each key range [first, next first) scored with
+    its region's queries."""
+    H = regions[0][1].shape[0]
     K, S = k_KSC.shape[0], k_KSC.shape[1]
+    parts = []
+    for i, (first, q_HTC) in enumerate(regions):
+        last = regions[i + 1][0] if i + 1 < len(regions) else S
+        q_KGnC = q_HTC[:, rows].float().reshape(K, -1, q_HTC.shape[-1])
+        n = q_KGnC.shape[1] // (H // K)
+        parts.append((q_KGnC @ k_KSC[:, first:last].float().transpose(-1, -2)).view(H, n, last - first))
+    return torch.cat(parts, dim=-1) * scale
+
+
+def estimate_pattern(q_HTC: torch.Tensor, k_KSC: torch.Tensor, config: SparseConfig, *, scale: float | None = None,
+                     regions: list[tuple[int, torch.Tensor]] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per query head: the kept key columns and the kept distances (sorted int64), from the exact
+    attention of the last `last_q` queries (positions S - n .. S - 1) over all keys. `regions`
+    (DCA): (first key, queries) pairs, each key range scored with its own rotation of the queries."""
+    H, T, C = q_HTC.shape
+    S = k_KSC.shape[1]
     n = min(config.last_q, T)
-    q_KGnC = q_HTC[:, T - n:].float().reshape(K, H // K * n, C)
-    scores_Hns = (q_KGnC @ k_KSC.float().transpose(-1, -2)).view(H, n, S) * C ** -0.5
+    scores_Hns = _region_scores(regions or [(0, q_HTC)], k_KSC, slice(T - n, T), C ** -0.5 if scale is None else scale)
     query_pos_n1 = torch.arange(S - n, S, device=q_HTC.device)[:, None]
     key_pos_1S = torch.arange(S, device=q_HTC.device)[None]
     visible_nS = key_pos_1S <= query_pos_n1
@@ -123,14 +160,18 @@ def block_key_mask(columns: torch.Tensor, distances: torch.Tensor, starts: torch
 
 
 def sparse_attention(q_HTC: torch.Tensor, k_KSC: torch.Tensor, v_KSC: torch.Tensor, columns: list[torch.Tensor],
-                     distances: list[torch.Tensor], block_size: int) -> tuple[torch.Tensor, int]:
+                     distances: list[torch.Tensor], block_size: int, *, scale: float | None = None,
+                     regions: list[tuple[int, torch.Tensor]] | None = None) -> tuple[torch.Tensor, int]:
     """(output (H, T, C), (query, key) pairs read) of the T queries at positions S - T .. S - 1: each
     block of `block_size` queries over its own keys (causal) and the kept earlier keys (block_key_mask),
-    one softmax over both."""
+    one softmax over both. `regions` (DCA): (first key, queries) pairs; a kept key is scored with
+    the queries of its range, the block's own keys with `q_HTC`."""
     H, T, C = q_HTC.shape
     K, S = k_KSC.shape[0], k_KSC.shape[1]
     G, past = H // K, S - T
-    scale = C ** -0.5
+    scale = C ** -0.5 if scale is None else scale
+    regions = regions or [(0, q_HTC)]
+    firsts = torch.tensor([first for first, _ in regions], device=q_HTC.device)
     # 1. Every block over its own keys, causally: one batched flash call for all full blocks.
     full = T // block_size * block_size
     own_out = torch.empty(H, T, C, dtype=q_HTC.dtype, device=q_HTC.device)
@@ -151,21 +192,24 @@ def sparse_attention(q_HTC: torch.Tensor, k_KSC: torch.Tensor, v_KSC: torch.Tens
     # of keys, so one padded call for all heads would mostly compute padding).
     starts = torch.arange(0, T, block_size, device=q_HTC.device)
     ends = (starts + block_size).clamp(max=T)
-    far_out = torch.zeros(H, T, C, dtype=q_HTC.dtype, device=q_HTC.device)
-    far_lse = torch.full((H, T), -torch.inf, dtype=torch.float32, device=q_HTC.device)
+    far_out = torch.zeros(len(regions), H, T, C, dtype=q_HTC.dtype, device=q_HTC.device)
+    far_lse = torch.full((len(regions), H, T), -torch.inf, dtype=torch.float32, device=q_HTC.device)
     for h in range(H):
         keep_BS = block_key_mask(columns[h].to(q_HTC.device), distances[h].to(q_HTC.device), starts + past,
                                  ends + past, S)
         k_SC, v_SC = k_KSC[h // G], v_KSC[h // G]
         for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
             keys = keep_BS[i].nonzero().squeeze(1)
-            if len(keys) == 0:
-                continue
-            out, lse = _flash(q_HTC[h, a:b][None, None], k_SC[keys][None, None], v_SC[keys][None, None],
-                              causal=False, scale=scale)
-            far_out[h, a:b], far_lse[h, a:b] = out[0, 0], lse[0, 0]
             read += (b - a) * len(keys)
-    merged = merge_parts([(own_out, own_lse), (far_out, far_lse)])
+            cuts = torch.searchsorted(keys, firsts).tolist() + [len(keys)]  # the keys of each region
+            for r, (_, q_rTC) in enumerate(regions):
+                part = keys[cuts[r]:cuts[r + 1]]
+                if len(part) == 0:
+                    continue
+                out, lse = _flash(q_rTC[h, a:b][None, None], k_SC[part][None, None], v_SC[part][None, None],
+                                  causal=False, scale=scale)
+                far_out[r, h, a:b], far_lse[r, h, a:b] = out[0, 0], lse[0, 0]
+    merged = merge_parts([(own_out, own_lse)] + list(zip(far_out, far_lse)))
     return merged.to(q_HTC.dtype), read
 
 
@@ -189,12 +233,16 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, s
 
 
 def sparse_reference(q_HTC: torch.Tensor, k_KSC: torch.Tensor, v_KSC: torch.Tensor, columns: list[torch.Tensor],
-                     distances: list[torch.Tensor], block_size: int) -> torch.Tensor:
+                     distances: list[torch.Tensor], block_size: int, *, scale: float | None = None,
+                     regions: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """For tests: the same pattern as a full (T x S) float32 mask, one softmax per query row, the
-    key set spelled out query block by query block."""
+    key set spelled out query block by query block; with `regions`, key j scored with the queries
+    of the last region starting at or before j."""
     H, T, C = q_HTC.shape
     K, S = k_KSC.shape[0], k_KSC.shape[1]
     past = S - T
+    scale = C ** -0.5 if scale is None else scale
+    regions = regions or [(0, q_HTC)]
     out = torch.empty(H, T, C)
     for h in range(H):
         allowed = torch.zeros(T, S, dtype=torch.bool)
@@ -209,6 +257,9 @@ def sparse_reference(q_HTC: torch.Tensor, k_KSC: torch.Tensor, v_KSC: torch.Tens
                     if hi > lo:
                         allowed[i, lo:hi] = True
         kv = h // (H // K)
-        scores = (q_HTC[h].float() @ k_KSC[kv].float().T) * C ** -0.5
+        scores = torch.empty(T, S)
+        for j in range(S):
+            q = [q for first, q in regions if first <= j][-1]
+            scores[:, j] = (q[h].float() @ k_KSC[kv, j].float()) * scale
         out[h] = scores.masked_fill(~allowed, -torch.inf).softmax(-1) @ v_KSC[kv].float()
     return out

@@ -125,9 +125,6 @@ class Qwen2Model(nn.Module):
         """RoPE frequencies and attention scaling, Dual Chunk Attention and sparse prefill, as `config` says."""
         self.sparse: SparsePrefill | None = None
         if config.sparse_prefill_config is not None:
-            if config.dual_chunk_attention_config:
-                raise ValueError("sparse_prefill_config and dual_chunk_attention_config together are not supported "
-                                 "yet: sparse prefill runs on plain or YaRN attention")
             self.sparse = SparsePrefill(SparseConfig.from_dict(config.sparse_prefill_config))
         self.inv_freq, self.attention_scaling = rope_parameters(config)
         self._adaptive_rope: dict[float, tuple[torch.Tensor, float]] = {}  # length-adaptive YaRN, per scale
@@ -256,8 +253,11 @@ class Qwen2Model(nn.Module):
         if any(layer.is_sliding for layer in self.layers):
             raise ValueError("Dual Chunk Attention and sliding-window layers cannot be combined")
         uniform = isinstance(past, int) and offsets is None
+        # Sparse prefill inside DCA's pieces: as without DCA, only long causal prefills of unpadded rows.
+        sparse = self.sparse if (self.sparse is not None and not self.training and uniform
+                                 and self.sparse.applies(T, past + T)) else None
         rotary = DCARotary.build(self.dca, past if uniform else starts, T, self.inv_freq, x_BTD.dtype, x_BTD.device,
-                                 offsets=offsets, lengths=lengths)
+                                 offsets=offsets, lengths=lengths, sparse=sparse)
         for layer in self.layers:
             x_BTD = layer(x_BTD, *rotary.key, mask_B1TS=None, is_causal=True, kv_cache=kv_cache, dca=rotary)
         if kv_cache is not None:

@@ -1,6 +1,7 @@
 """Sparse (vertical-and-slash) prefill: the planted lines are found, the block computation equals a
 full-mask reference of the same pattern, full budgets give dense attention, and the model uses it
-only where it should (long causal prefills, never training, padding or decoding)."""
+only where it should (long causal prefills, never training, padding or decoding); inside Dual Chunk
+Attention each key range is scored with its own query rotation."""
 
 import dataclasses
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 
 from qwen2.config import PRESETS, ConfigError
 from qwen2.model import KVCache, Qwen2ForCausalLM
-from qwen2.model.sparse import SparseConfig, block_key_mask, estimate_pattern, sparse_attention, sparse_reference
+from qwen2.model.dca import DCAConfig, dca_attention, rotate_keys, rotate_queries
+from qwen2.model.sparse import (SparseConfig, SparsePrefill, block_key_mask, estimate_pattern, sparse_attention,
+                                sparse_reference)
 
 H, K, C = 4, 2, 16
 
@@ -132,9 +135,101 @@ def test_bad_settings_are_named():
         _tiny({"verticals": 10})
     with pytest.raises(ConfigError, match="sparse_prefill_config.*block_size"):
         _tiny({"block_size": -1})
-    from qwen2.eval.long_context import configure_long_context
-    with pytest.raises(ValueError, match="DCA"):
-        configure_long_context(_tiny(), dca=True, sparse={})
-    with pytest.raises(ValueError, match="together"):  # from a config.json: refused, not silently ignored
-        Qwen2ForCausalLM(dataclasses.replace(PRESETS["tiny"], sparse_prefill_config={},
-                                             dual_chunk_attention_config={"chunk_size": 32, "local_size": 8}))
+
+
+# --- inside Dual Chunk Attention ---------------------------------------------------------------
+
+DCA = DCAConfig(chunk_size=64, local_size=16)  # chunk_len 48
+
+
+def _dca_piece(start, end, seed=0):
+    """Queries at start .. end - 1 (one DCA chunk) rotated the three DCA ways, keys 0 .. end - 1 as
+    the cache holds them, and the piece's regions (inter, successive, intra)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, H, end - start, C, generator=gen)
+    k, v = torch.randn(1, K, end, C, generator=gen), torch.randn(1, K, end, C, generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, C, 2).float() / C))
+    queries = rotate_queries(q, start, DCA, inv_freq)
+    keys = rotate_keys(k, 0, DCA, inv_freq)
+    chunk_start = start // DCA.chunk_len * DCA.chunk_len
+    regions = [(0, queries.inter[0]), (chunk_start - DCA.chunk_len, queries.successive[0]),
+               (chunk_start, queries.intra[0])]
+    return queries, keys, v, chunk_start, regions
+
+
+def test_sparse_dca_piece_equals_a_full_mask_reference_scoring_each_key_range_its_own_way():
+    queries, k, v, chunk_start, regions = _dca_piece(150, 190)  # chunk 3: keys 0-95 inter, 96-143 successive
+    config = SparseConfig(last_q=16, vertical_size=20, slash_size=10, coverage=0.9, sink_tokens=4, local_size=8)
+    scale = C ** -0.5 * 1.3
+    columns, distances = estimate_pattern(queries.intra[0], k[0], config, scale=scale, regions=regions)
+    out, read = sparse_attention(queries.intra[0], k[0], v[0], columns, distances, 16, scale=scale, regions=regions)
+    expected = sparse_reference(queries.intra[0], k[0], v[0], columns, distances, 16, scale=scale, regions=regions)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert read < H * (40 * 150 + 40 * 41 // 2)  # it did skip keys
+    plain = sparse_reference(queries.intra[0], k[0], v[0], columns, distances, 16, scale=scale)
+    assert (plain - expected).abs().max() > 1e-2  # the rotations of the far ranges matter
+
+
+def test_the_estimate_is_the_dca_attention_of_the_last_queries():
+    # Head 0's inter-chunk rotation of the last queries points at key 7 (inter range); its intra and
+    # successive rotations are zero (uniform attention). A pattern estimated from the intra rotation
+    # alone would not see the line; the DCA estimate does.
+    queries, k, v, chunk_start, regions = _dca_piece(150, 190, seed=1)
+    k = k.clone()
+    k[0, 0] = 0
+    k[0, 0, 7, 0] = 1.0
+    inter = regions[0][1].clone()
+    inter[0] = 0
+    inter[0, :, 0] = 200.0
+    intra = regions[2][1].clone()
+    intra[0] = 0
+    succ = regions[1][1].clone()
+    succ[0] = 0
+    regions = [(0, inter), (regions[1][0], succ), (chunk_start, intra)]
+    config = SparseConfig(last_q=8, vertical_size=1, slash_size=1, coverage=0.5, sink_tokens=0, local_size=0)
+    columns, _ = estimate_pattern(intra, k[0], config, regions=regions)
+    assert columns[0].tolist() == [7]
+    columns, _ = estimate_pattern(intra, k[0], config)
+    assert columns[0].tolist() != [7]
+
+
+def test_sparse_dca_with_every_key_kept_is_dca():
+    T = 190  # four DCA chunks: every piece meets intra, successive and (from the third) inter keys
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, H, T, C, generator=gen), torch.randn(2, K, T, C, generator=gen), torch.randn(2, K, T, C, generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, C, 2).float() / C))
+    queries, keys = rotate_queries(q, 0, DCA, inv_freq), rotate_keys(k, 0, DCA, inv_freq)
+    full = SparsePrefill(SparseConfig(**{key: value for key, value in FULL.items() if key != "threshold"}))
+    torch.testing.assert_close(dca_attention(queries, keys, v, DCA, sparse=full), dca_attention(queries, keys, v, DCA),
+                               atol=1e-5, rtol=1e-5)
+    assert full.stats.calls == 2 * 4  # each row, each piece
+    assert full.stats.density == 1.0
+
+
+def _tiny_dca(sparse=None):
+    config = dataclasses.replace(PRESETS["tiny"], max_position_embeddings=512, sparse_prefill_config=sparse,
+                                 dual_chunk_attention_config={"chunk_size": 64, "local_size": 16,
+                                                              "original_max_position_embeddings": 64})
+    model = Qwen2ForCausalLM(config)
+    model.init_weights(seed=0)
+    return model.eval()
+
+
+def test_a_dca_model_prefills_sparsely_through_the_cache():
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(5))
+    dense = _tiny_dca()
+    small = _tiny_dca({"threshold": 128, "vertical_size": 8, "slash_size": 8, "coverage": 0.5, "block_size": 32,
+                       "sink_tokens": 4, "local_size": 8})
+    full = _tiny_dca(FULL)
+    with torch.no_grad():
+        assert torch.equal(small(ids[:, :127]), dense(ids[:, :127]))  # below the threshold: dense DCA
+        assert (small(ids) - dense(ids)).abs().max() > 1e-4
+        assert small.model.sparse.stats.density < 0.9
+        cache = KVCache.allocate(full.config, batch_size=1, max_seq_len=300)
+        chunks = [full(ids[:, a:b], kv_cache=cache) for a, b in ((0, 100), (100, 230), (230, 290))]
+        steps = [full(ids[:, t:t + 1], kv_cache=cache) for t in range(290, 300)]  # decoding: dense
+        assert full.model.sparse.stats.calls > 0
+        # Every key kept: DCA again (a prefill's temperature is its own length: compare chunk ends)
+        got = torch.cat(chunks + steps, 1)
+        for t in (99, 229, 289, 299):
+            torch.testing.assert_close(got[:, t], dense(ids[:, :t + 1], logits_to_keep=1)[:, -1], atol=1e-4, rtol=1e-4)
