@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -140,12 +139,11 @@ class DCARotary:
             end = self.starts[0] + T
             return dca_attention(DCAQueries(intra, successive, inter, self.starts[0]), k_BKSC[:, :, :end],
                                  v_BKSC[:, :, :end], self.config, sparse=self.sparse)
-        B = q_BHTC.shape[0]
-        starts = self.starts * B if len(self.starts) == 1 else self.starts
-        offsets = self.offsets or [0] * B
-        lengths = self.lengths or [start + T for start in starts]
+        # Per row (built with one start per row): a paged batch's own lengths, or a padded batch's rows.
+        offsets = self.offsets or [0] * len(self.starts)
+        lengths = self.lengths or [start + T for start in self.starts]
         out_BHTC = q_BHTC.new_zeros(q_BHTC.shape[:3] + (v_BKSC.shape[-1],))
-        for b, (start, offset, length) in enumerate(zip(starts, offsets, lengths)):
+        for b, (start, offset, length) in enumerate(zip(self.starts, offsets, lengths)):
             lo, hi = max(0, -start), min(T, length - start)  # the row's queries that are tokens
             if hi <= lo:
                 continue

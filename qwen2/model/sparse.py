@@ -201,7 +201,8 @@ def sparse_attention(q_HTC: torch.Tensor, k_KSC: torch.Tensor, v_KSC: torch.Tens
         for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
             keys = keep_BS[i].nonzero().squeeze(1)
             read += (b - a) * len(keys)
-            cuts = torch.searchsorted(keys, firsts).tolist() + [len(keys)]  # the keys of each region
+            # The keys of each region (one region without DCA: all of them).
+            cuts = [0, len(keys)] if len(regions) == 1 else torch.searchsorted(keys, firsts).tolist() + [len(keys)]
             for r, (_, q_rTC) in enumerate(regions):
                 part = keys[cuts[r]:cuts[r + 1]]
                 if len(part) == 0:

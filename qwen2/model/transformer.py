@@ -267,16 +267,15 @@ class Qwen2Model(nn.Module):
 
 def _token_runs(mask_BS: torch.Tensor) -> tuple[list[int], list[int]]:
     """Each row's (first token slot, token count) of a padding mask whose tokens form one run."""
-    offsets, lengths = [], []
-    for b, row in enumerate(mask_BS.bool()):
-        slots = row.nonzero().flatten().tolist()
-        first, count = (slots[0], len(slots)) if slots else (0, 0)
-        if slots and slots[-1] - first + 1 != count:
-            raise ValueError(f"Dual Chunk Attention needs each row's tokens in one run of slots (left or right "
-                             f"padding); row {b} of attention_mask has padding between its tokens")
-        offsets.append(first)
-        lengths.append(count)
-    return offsets, lengths
+    mask_BS = mask_BS.bool()
+    counts_B = mask_BS.sum(-1)
+    firsts_B = torch.where(counts_B > 0, mask_BS.int().argmax(-1), 0)  # argmax: the first 1
+    lasts_B = mask_BS.shape[-1] - 1 - mask_BS.flip(-1).int().argmax(-1)
+    gaps_B = (counts_B > 0) & (lasts_B - firsts_B + 1 != counts_B)
+    if bool(gaps_B.any()):
+        raise ValueError(f"Dual Chunk Attention needs each row's tokens in one run of slots (left or right "
+                         f"padding); row {int(gaps_B.int().argmax())} of attention_mask has padding between its tokens")
+    return firsts_B.tolist(), counts_B.tolist()
 
 
 class Qwen2ForCausalLM(nn.Module):
